@@ -1,0 +1,25 @@
+# Set-up and the project's two entry points. Each target builds its own virtualenv.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check -q
+
+.PHONY: demo test lint bench-paper clean
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PIP) install --upgrade pip
+	$(PIP) install torch==2.13.0   # the CPU build first: an open range could pull a CUDA build
+	$(PIP) install -e ".[dev]"
+	touch $@
+
+demo: $(VENV)/.installed   ## fit the paper's three-mode target; writes demo_output/
+	$(PY) tutorials/demo.py --out demo_output
+
+test: $(VENV)/.installed   ## the whole test suite
+	$(PY) -m pytest -q
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
+
+clean:
+	rm -rf $(VENV) demo_output .pytest_cache

@@ -1,0 +1,83 @@
+"""RealNVP from Pyro's own transforms: affine couplings with soft-bounded log-scales."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from pyro.distributions.transforms import AffineCoupling, ComposeTransformModule, Permute
+from pyro.nn import DenseNN
+from torch import nn
+
+__all__ = ["BoundedHypernet", "realnvp"]
+
+
+class BoundedHypernet(nn.Module):
+    """A :class:`~pyro.nn.DenseNN` whose log-scale output is squashed into ``(-bound, bound)``.
+
+    The last layer starts at zero, so the coupling it drives starts at the identity. A soft
+    bound (``bound · tanh(s / bound)``) keeps gradients alive where Pyro's hard clip would not,
+    and keeps ``log q`` finite for draws far from the mass (which carry weight ≈ 0: an
+    infinite ``log q`` there would turn ``0 · ∞`` into NaN for the whole batch).
+
+    :param input_dim: size of the conditioning half.
+    :param hidden_dims: hidden layer widths.
+    :param output_dim: size of the transformed half.
+    :param bound: the largest absolute log-scale.
+    """
+
+    def __init__(self, input_dim: int, hidden_dims: Sequence[int], output_dim: int, bound: float) -> None:
+        super().__init__()
+        self.net = DenseNN(input_dim, list(hidden_dims), param_dims=[output_dim, output_dim])
+        last = self.net.layers[-1]
+        nn.init.zeros_(last.weight)
+        nn.init.zeros_(last.bias)
+        self.bound = bound
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        shift, log_scale = self.net(x)
+        return shift, self.bound * torch.tanh(log_scale / self.bound)
+
+
+def _permutation(dim: int, layer: int) -> torch.LongTensor:
+    """A fixed permutation per layer, rebuilt identically from ``(dim, layer)`` on load."""
+    if dim <= 3 or layer % 2 == 0:
+        return torch.arange(dim - 1, -1, -1)
+    return torch.randperm(dim, generator=torch.Generator().manual_seed(layer))
+
+
+def realnvp(
+    dim: int,
+    num_transforms: int = 6,
+    hidden_dims: Sequence[int] = (64, 64),
+    log_scale_bound: float = 3.0,
+) -> ComposeTransformModule:
+    """A RealNVP stack: ``num_transforms`` affine couplings, each followed by a permutation.
+
+    :param dim: dimension ``D`` of the packed latent vector; maps ``(..., D) → (..., D)``.
+    :returns: a :class:`~pyro.distributions.transforms.ComposeTransformModule` that starts at the
+        identity (a last permutation undoes the others). A 1-D latent has nothing to couple: the
+        stack is then empty and the mixture base alone models it.
+
+    Reference: Dinh, Sohl-Dickstein, Bengio, "Density estimation using Real NVP",
+    https://arxiv.org/abs/1605.08803
+    """
+    if dim < 2:
+        return ComposeTransformModule([])
+    split = dim // 2
+    parts: list = []
+    order = torch.arange(dim)  # which input coordinate sits at each position
+    for layer in range(num_transforms):
+        hypernet = BoundedHypernet(split, hidden_dims, dim - split, log_scale_bound)
+        parts.append(
+            AffineCoupling(
+                split, hypernet, log_scale_min_clip=-log_scale_bound, log_scale_max_clip=log_scale_bound
+            )
+        )
+        if layer < num_transforms - 1:
+            perm = _permutation(dim, layer)
+            parts.append(Permute(perm))
+            order = order[perm]
+    if not torch.equal(order, torch.arange(dim)):
+        parts.append(Permute(torch.argsort(order)))
+    return ComposeTransformModule(parts)

@@ -1,0 +1,250 @@
+"""AutoLWFlow: a RealNVP guide over a Gaussian-mixture base, for any continuous Pyro model."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro.distributions.util import sum_rightmost
+from pyro.infer.autoguide import AutoContinuous
+from pyro.infer.autoguide.initialization import init_to_median
+from pyro.nn import PyroParam, pyro_method
+from pyro.poutine.messenger import Messenger
+from torch.distributions import biject_to, constraints
+
+from .adapter import latent_sites
+from .draws import WeightedDraws
+from .flows import realnvp
+from .modes import fit_gaussian_mixture, resample_points, select_num_components
+
+__all__ = ["AutoLWFlow"]
+
+
+class _LastSite(Messenger):
+    """Remembers the sample site being processed, to name it when tracing fails."""
+
+    site: dict | None = None
+
+    def _pyro_sample(self, msg: dict) -> None:
+        self.site = msg
+
+
+def _cannot_sample(fn: dist.Distribution) -> bool:
+    try:
+        fn.sample()
+    except NotImplementedError:
+        return True
+    return False
+
+
+class AutoLWFlow(AutoContinuous):
+    """A normalizing-flow guide trained on likelihood-weighted prior draws.
+
+    The posterior over the packed unconstrained latent vector ``z ∈ R^D`` is
+    ``TransformedDistribution(MixtureSameFamily(...), RealNVP)``: a trainable mixture of
+    ``num_components`` diagonal Gaussians pushed through affine coupling layers. Each mixture
+    component can sit on its own posterior mode, so the flow needs no probability "bridges"
+    between separated modes (arXiv:2512.04954, section 3).
+
+    Usage::
+
+        guide = AutoLWFlow(model, num_components=3)
+        svi = SVI(model, guide, pyro.optim.Adam({"lr": 1e-3}), loss=LikelihoodWeightedKL())
+
+    :param model: a Pyro model whose latent sites are all continuous.
+    :param num_components: number of mixture components ``K ≥ 1``, or ``"auto"`` to choose it by
+        BIC on the weighted draws when the guide is first initialised from them.
+    :param num_transforms: number of affine coupling layers.
+    :param hidden_dims: hidden widths of each coupling's network.
+    :param log_scale_bound: largest absolute log-scale a coupling may apply.
+    :param max_components: the largest ``K`` tried when ``num_components="auto"``.
+    """
+
+    def __init__(
+        self,
+        model: Callable,
+        num_components: int | str = 1,
+        num_transforms: int = 6,
+        hidden_dims: Sequence[int] = (64, 64),
+        log_scale_bound: float = 3.0,
+        max_components: int = 8,
+        init_loc_fn: Callable = init_to_median,
+    ) -> None:
+        if num_components != "auto" and not (isinstance(num_components, int) and num_components >= 1):
+            raise ValueError(
+                f"num_components must be a positive integer or 'auto', got {num_components!r}"
+            )
+        if num_transforms < 0:
+            raise ValueError(f"num_transforms must be >= 0, got {num_transforms}")
+        self.num_components = num_components
+        self.num_transforms = num_transforms
+        self.hidden_dims = tuple(hidden_dims)
+        self.log_scale_bound = log_scale_bound
+        self.max_components = max_components
+        self.component_scores: dict[int, float] = {}
+        self.initialized = False
+        self._last_site = _LastSite()
+        super().__init__(self._last_site(model), init_loc_fn=init_loc_fn)
+
+    # -- set-up -------------------------------------------------------------------------
+
+    def _setup_prototype(self, *args, **kwargs) -> None:
+        recorder = self._last_site
+        try:
+            with pyro.validation_enabled(False):
+                super()._setup_prototype(*args, **kwargs)
+        except NotImplementedError as err:
+            site = recorder.site
+            if site is not None and not site["is_observed"] and _cannot_sample(site["fn"]):
+                raise ValueError(
+                    f"Latent site '{site['name']}' has an improper prior ({type(site['fn']).__name__}) "
+                    "that cannot be sampled; likelihood weighting draws from the prior, so give it "
+                    "a proper prior (e.g. dist.Normal(0, 10) or dist.Uniform(low, high))."
+                ) from err
+            if self.prototype_trace is not None:
+                latent_sites(self.prototype_trace)  # raises the clearer error, naming the site
+            raise
+        except ValueError:
+            if self.prototype_trace is not None:
+                latent_sites(self.prototype_trace)
+            raise
+        self.layout = latent_sites(self.prototype_trace)
+        self.transform = realnvp(self.latent_dim, self.num_transforms, self.hidden_dims, self.log_scale_bound)
+        k = 1 if self.num_components == "auto" else self.num_components
+        loc = self._init_loc().detach()
+        spread = torch.randn(k, self.latent_dim, dtype=loc.dtype, device=loc.device) if k > 1 else 0.0
+        self._set_mixture(torch.zeros(k), loc + spread, torch.ones(k, self.latent_dim), like=loc)
+
+    def _set_mixture(
+        self, logits: torch.Tensor, locs: torch.Tensor, scales: torch.Tensor, like: torch.Tensor | None = None
+    ) -> None:
+        like = self.component_loc if like is None else like
+        self.mixture_logits = PyroParam(logits.to(like))
+        self.component_loc = PyroParam(locs.to(like))
+        self.component_scale = PyroParam(scales.to(like), constraint=constraints.positive)
+
+    @torch.no_grad()
+    def initialize(self, draws: WeightedDraws, num_points: int = 20_000, seed: int = 0) -> None:
+        """Place the mixture components on the modes of the weighted draws.
+
+        Resamples ``num_points`` draws in proportion to their weights, fits a Gaussian mixture
+        by EM (k-means++ seeding; ``K`` by BIC when ``num_components="auto"``), and sets each base
+        component's weight, mean and diagonal scale from it. Coupling layers stay at the identity.
+        """
+        if self.prototype_trace is None:
+            raise RuntimeError("call the guide (or LikelihoodWeightedKL) on the model's data first")
+        gen = torch.Generator().manual_seed(seed)
+        x = resample_points(draws, num_points, gen)
+        if self.num_components == "auto":
+            fit, self.component_scores = select_num_components(x, self.max_components, gen)
+        else:
+            fit = fit_gaussian_mixture(x, self.num_components, generator=gen)
+        scales = torch.diagonal(fit.covariances, dim1=-2, dim2=-1).sqrt().clamp_min(1e-3)
+        self._set_mixture(fit.weights.log(), fit.means, scales)
+        self.initialized = True
+
+    @torch.no_grad()
+    def refit_mixture_weights(self, draws: WeightedDraws, num_iters: int = 50) -> None:
+        """Set the mixture weights to their weighted maximum-likelihood value given the flow.
+
+        EM on the weights alone: the flow and the components stay fixed, so each component's
+        responsibility for each draw is computed once in the base space. Stochastic gradients
+        leave the weights noisy by about the minibatch's own sampling error; this removes that
+        noise, leaving only the draws' (ESS-limited) error.
+        """
+        keep = draws.weights > 1e-12
+        weights = draws.weights[keep]
+        weights = (weights / weights.sum()).to(self.component_loc)
+        z = self.transform.inv(draws.latents[keep].to(self.component_loc))
+        comps = dist.Normal(self.component_loc, self.component_scale).to_event(1)
+        log_comp = comps.log_prob(z.unsqueeze(-2))  # (M, K)
+        log_pi = torch.log_softmax(self.mixture_logits, 0)
+        for _ in range(num_iters):
+            resp = torch.softmax(log_comp + log_pi, -1)
+            log_pi = (weights @ resp).clamp_min(1e-12).log()
+        # in place, so an optimiser holding the parameter keeps working
+        self.mixture_logits_unconstrained.data.copy_(log_pi - log_pi.logsumexp(0))
+
+    # -- the distribution ---------------------------------------------------------------
+
+    def get_base_dist(self) -> dist.MixtureSameFamily:
+        return dist.MixtureSameFamily(
+            dist.Categorical(logits=self.mixture_logits),
+            dist.Normal(self.component_loc, self.component_scale).to_event(1),
+        )
+
+    def get_transform(self, *args, **kwargs):
+        return self.transform
+
+    # -- conveniences -------------------------------------------------------------------
+
+    @pyro_method
+    def latent_log_prob(self, latents: torch.Tensor) -> torch.Tensor:
+        """``log q`` of packed unconstrained latents ``(*batch, D) → (*batch,)``.
+
+        A Pyro method: the parameters it touches are registered with the param store, so
+        :class:`pyro.infer.SVI` optimises them.
+        """
+        return self.get_posterior().log_prob(latents)
+
+    def log_density(self, values: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Exact ``log q`` of constrained site values, Jacobians of the support maps included.
+
+        :param values: ``{site: (*batch, *site_shape)}`` for every latent site.
+        :returns: ``(*batch,)`` log densities with respect to Lebesgue measure on the
+            constrained values.
+        """
+        self._require_setup()
+        packed, log_det, batch = [], 0.0, None
+        for site in self.layout:
+            if site.name not in values:
+                raise KeyError(f"log_density needs a value for latent site '{site.name}'")
+            value = torch.as_tensor(values[site.name]).to(self.component_loc)
+            if tuple(value.shape[value.dim() - len(site.shape) :]) != tuple(site.shape):
+                raise ValueError(
+                    f"value for site '{site.name}' has shape {tuple(value.shape)}; its trailing "
+                    f"dimensions must be the site's shape {tuple(site.shape)}"
+                )
+            batch = value.shape[: value.dim() - len(site.shape)]
+            transform = biject_to(self.prototype_trace.nodes[site.name]["fn"].support)
+            u = transform.inv(value)
+            log_det = log_det + sum_rightmost(
+                transform.log_abs_det_jacobian(u, value), transform.log_abs_det_jacobian(u, value).dim() - len(batch)
+            )
+            packed.append(u.reshape(batch + (-1,)))
+        return self.latent_log_prob(torch.cat(packed, -1)) - log_det
+
+    @torch.no_grad()
+    def sample_posterior(self, num_samples: int) -> dict[str, torch.Tensor]:
+        """``{site: (num_samples, *site_shape)}`` constrained draws, without running the model."""
+        self._require_setup()
+        latent = self.get_posterior().sample((num_samples,))
+        return {
+            site["name"]: biject_to(site["fn"].support)(u).reshape((num_samples,) + site["value"].shape)
+            for site, u in self._unpack_latent(latent)
+        }
+
+    @torch.no_grad()
+    def quantiles(self, quantiles, *args, num_samples: int = 10_000, **kwargs) -> dict[str, torch.Tensor]:
+        """Monte Carlo quantiles of each site: ``{site: (len(quantiles), *site_shape)}``."""
+        if self.prototype_trace is None:
+            self._setup_prototype(*args, **kwargs)
+        q = torch.as_tensor(quantiles, dtype=torch.float64)
+        return {
+            name: torch.quantile(s.double(), q, dim=0).to(s.dtype)
+            for name, s in self.sample_posterior(num_samples).items()
+        }
+
+    @torch.no_grad()
+    def median(self, *args, num_samples: int = 10_000, **kwargs) -> dict[str, torch.Tensor]:
+        """Monte Carlo posterior median of each site: ``{site: site_shape}``."""
+        return {k: v[0] for k, v in self.quantiles([0.5], *args, num_samples=num_samples, **kwargs).items()}
+
+    def _require_setup(self) -> None:
+        if self.prototype_trace is None:
+            raise RuntimeError(
+                "The guide has not seen the model yet: fit it first (fit(), or SVI with "
+                "LikelihoodWeightedKL), or call guide(*model_args) once."
+            )

@@ -1,0 +1,39 @@
+"""Small Pyro models shared by the tests."""
+
+import pyro
+import pyro.distributions as dist
+import torch
+
+PRIOR_SCALE = 2.0
+
+
+def conjugate_normal(y):
+    """theta ~ N(0, 2² I₂), y_i ~ N(theta, I₂): posterior N(m, s² I) in closed form."""
+    theta = pyro.sample("theta", dist.Normal(0.0, PRIOR_SCALE).expand([2]).to_event(1))
+    with pyro.plate("data", y.shape[0]):
+        pyro.sample("y", dist.Normal(theta, 1.0).to_event(1), obs=y)
+
+
+def conjugate_posterior(y):
+    """(mean (2,), variance) of the exact posterior of :func:`conjugate_normal`."""
+    precision = 1.0 / PRIOR_SCALE**2 + y.shape[0]
+    return y.sum(0) / precision, 1.0 / precision
+
+
+def scale_model(y):
+    """A constrained latent (positive scale) and an unconstrained one, with a data plate."""
+    loc = pyro.sample("loc", dist.Normal(0.0, 3.0))
+    scale = pyro.sample("scale", dist.LogNormal(0.0, 1.0))
+    with pyro.plate("data", len(y)):
+        pyro.sample("y", dist.Normal(loc, scale), obs=y)
+
+
+def factor_model(target):
+    """Uniform box prior and the likelihood as a pyro.factor."""
+    theta = pyro.sample("theta", dist.Uniform(-5.0, 5.0).expand([2]).to_event(1))
+    pyro.factor("loglik", dist.Normal(target, 1.0).to_event(1).log_prob(theta))
+
+
+def example_y(n=20, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.tensor([0.7, -1.2]) + torch.randn(n, 2, generator=gen)
