@@ -30,6 +30,9 @@ class FitResult:
     :param num_likelihood_evals: model likelihood evaluations spent.
     :param wall_time: seconds spent in :func:`fit` (drawing and training).
     :param num_skipped_steps: steps skipped because the loss or a gradient was not finite.
+    :param seed: the seed :func:`fit` was given.
+    :param model, model_args, model_kwargs: the model and the data it was conditioned on (used by
+        :func:`pyro_lwflow.arviz.to_arviz` and :func:`pyro_lwflow.io.save`).
     """
 
     guide: AutoLWFlow
@@ -40,6 +43,9 @@ class FitResult:
     wall_time: float = 0.0
     num_skipped_steps: int = 0
     seed: int | None = None
+    model: Callable | None = None
+    model_args: tuple = ()
+    model_kwargs: dict = field(default_factory=dict)
 
     @property
     def log_evidence(self) -> float:
@@ -96,7 +102,9 @@ def fit(
         pyro.clear_param_store()  # a fresh guide must not pick up stale values by name
     loss = loss or LikelihoodWeightedKL(num_prior_samples, batch_size, progress=progress)
     draws = loss.prepare(model, guide, *args, **model_kwargs)
-    result = FitResult(guide, draws, ess=draws.ess, seed=seed)
+    result = FitResult(
+        guide, draws, ess=draws.ess, seed=seed, model=model, model_args=args, model_kwargs=dict(model_kwargs)
+    )
     params = _guide_params(loss, model, guide, args, model_kwargs)
     optim = torch.optim.Adam(params, lr=lr)
     schedule = torch.optim.lr_scheduler.ExponentialLR(optim, lr_decay ** (1.0 / max(num_steps, 1)))
