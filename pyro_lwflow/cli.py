@@ -93,6 +93,8 @@ def _parser() -> argparse.ArgumentParser:
     fit.add_argument("--data", help="a .npz, .npy, .pt or .csv file with the model's arguments (see below)")
     fit.add_argument("--components", default="1", help="mixture components of the base: 'auto' or K >= 1 "
                      "(default 1)")
+    fit.add_argument("--rounds", help="adaptive rounds: 'auto' or N >= 1; 1 is the paper's one-shot method "
+                     "(default: fit()'s own)")
     fit.add_argument("--steps", type=int, default=2000, help="gradient steps (default 2000)")
     fit.add_argument("--prior-samples", type=int, default=100_000, help="weighted prior draws (default 100000)")
     fit.add_argument("--batch-size", type=int, default=1024, help="draws per step (default 1024)")
@@ -122,6 +124,7 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 def _fit(args: argparse.Namespace) -> int:
     model = _load_model(args.model)
     components = _components(args.components)
+    options = {} if args.rounds is None else {"num_rounds": _components(args.rounds, "--rounds")}
     for name in ("steps", "prior_samples", "batch_size", "num_samples"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
@@ -133,6 +136,7 @@ def _fit(args: argparse.Namespace) -> int:
         model_args, model_kwargs = (), {}
 
     import arviz as az
+    import matplotlib.pyplot as plt
 
     from . import fit
     from .arviz import to_arviz
@@ -149,7 +153,7 @@ def _fit(args: argparse.Namespace) -> int:
         result = fit(
             model, *model_args, num_components=components, num_steps=args.steps,
             num_prior_samples=args.prior_samples, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-            progress=not args.quiet, model_kwargs=model_kwargs,
+            progress=not args.quiet, model_kwargs=model_kwargs, **options,
         )
         idata = to_arviz(result, num_samples=args.num_samples, seed=args.seed)
     except (ValueError, TypeError, RuntimeError, NotImplementedError, KeyError) as err:
@@ -168,7 +172,10 @@ def _fit(args: argparse.Namespace) -> int:
         title=Path(args.model).name,
     )
     fig.savefig(out / "pair_plot.png", dpi=110)
-    training_curves(result.losses).savefig(out / "training_curves.png", dpi=110)
+    curves = training_curves(result.losses)
+    curves.savefig(out / "training_curves.png", dpi=110)
+    plt.close(fig)
+    plt.close(curves)
     metrics = _metrics(result, idata, truth if one_site else None, time.perf_counter() - start)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     print(f"wrote {', '.join(sorted(p.name for p in out.iterdir() if p.is_file()))} to {out}/")
@@ -216,12 +223,13 @@ def _one_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {text[0] if text else ''}".rstrip(": ")
 
 
-def _components(text: str) -> int | str:
+def _components(text: str, option: str = "--components") -> int | str:
+    """``'auto'`` or a positive integer."""
     if text == "auto":
         return "auto"
     if re.fullmatch(r"[1-9][0-9]*", text):
         return int(text)
-    raise UsageError(f"--components must be 'auto' or a positive integer, got {text!r}")
+    raise UsageError(f"{option} must be 'auto' or a positive integer, got {text!r}")
 
 
 def _load_model(spec: str):
