@@ -1,0 +1,29 @@
+"""The README's ArviZ example: fit two_mode_2d, export to ArviZ, write docs/arviz_pair.png.
+
+    python docs/arviz_example.py
+"""
+
+import inspect
+from pathlib import Path
+
+import arviz as az
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from pyro_lwflow import fit  # noqa: E402
+from pyro_lwflow.arviz import to_arviz  # noqa: E402
+from pyro_lwflow.model_files import load_model  # noqa: E402
+
+model = load_model(Path(__file__).parent.parent / "models" / "paper_targets.py:two_mode_2d")
+one_round = {"num_rounds": 1} if "num_rounds" in inspect.signature(fit).parameters else {}
+result = fit(model, num_components=2, num_steps=300, num_prior_samples=50_000, progress=False, **one_round)
+idata = to_arviz(result, num_samples=4000)
+print(az.summary(idata))
+axes = az.plot_pair(idata, var_names=["theta"], kind="scatter", marginals=True,
+                    scatter_kwargs={"alpha": 0.3, "s": 2})
+fig = axes.ravel()[0].figure
+fig.suptitle("two_mode_2d: az.plot_pair of to_arviz(result)")
+fig.savefig(Path(__file__).with_name("arviz_pair.png"), dpi=90, bbox_inches="tight")
+plt.close(fig)
