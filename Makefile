@@ -18,6 +18,10 @@ demo: $(VENV)/.installed   ## fit the paper's three-mode target; writes demo_out
 test: $(VENV)/.installed   ## the whole test suite
 	$(PY) -m pytest -q
 
+bench-paper: $(VENV)/.installed   ## the paper's tables and figures, ours vs normflows; writes benchmarks/results/
+	$(PIP) install -e ".[bench]"
+	$(PY) benchmarks/paper.py --seeds 3 --out benchmarks/results
+
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
 
