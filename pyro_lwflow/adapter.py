@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import math
+import os
 import warnings
 from collections.abc import Callable, Iterator
+from concurrent.futures import Executor
 from dataclasses import dataclass
 
 import pyro
@@ -12,9 +14,11 @@ import pyro.distributions as dist
 import torch
 from pyro import poutine
 from pyro.distributions.util import sum_rightmost
+from pyro.poutine.messenger import Messenger
 from torch.distributions import biject_to
 from tqdm.auto import tqdm
 
+from . import evaluation
 from .draws import WeightedDraws
 
 __all__ = ["LatentSite", "PriorAdapter", "latent_sites", "observed_site_names"]
@@ -99,7 +103,19 @@ class PriorAdapter:
     :param prototype: a trace of the model's latent sites (``guide.prototype_trace``); its order
         is the packing order.
     :param args, kwargs: the model's arguments (the observed data).
-    :param chunk_size: number of draws traced in one vectorised call.
+    :param chunk_size: number of draws traced in one vectorised call; with an ``executor``, also the
+        number of draws per task (pick it so every worker gets several chunks).
+    :param executor: a :class:`concurrent.futures.Executor` (a process pool, or a Dask
+        ``distributed.Client(...).get_executor()``) that evaluates the likelihood chunk by chunk;
+        see :mod:`pyro_lwflow.evaluation`. The model and its arguments must be picklable (a process
+        pool uses plain pickle: the model must be importable; Dask uses cloudpickle).
+    :param cache_dir: a folder for one ``.npz`` per evaluated chunk, so an interrupted run resumes.
+    :param seed: seeds the chunked path: chunk ``i`` is drawn from its own generator seeded by
+        ``(seed, i)``, so the draws do not depend on the executor or on resumption. Giving any of
+        ``executor``, ``cache_dir`` or ``seed`` selects that path; with none of them :meth:`sample`
+        traces the model in-process on the global RNG stream, as before.
+    :param retries: re-submissions of a chunk whose evaluation fails before giving up.
+    :param max_in_flight: chunks submitted at once (bounds memory); default twice the workers.
     """
 
     def __init__(
@@ -109,6 +125,12 @@ class PriorAdapter:
         args: tuple = (),
         kwargs: dict | None = None,
         chunk_size: int = 100_000,
+        *,
+        executor: Executor | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        seed: int | None = None,
+        retries: int = 2,
+        max_in_flight: int | None = None,
     ) -> None:
         self.model = model
         self.args = args
@@ -126,6 +148,14 @@ class PriorAdapter:
         self.max_plate_nesting = _max_plate_nesting(full)
         self.chunk_size = chunk_size
         self.vectorized: bool | None = None  # decided on the first chunk
+        self.prior_vectorized: bool | None = None  # the same, for the prior part alone
+        self.executor = executor
+        self.cache_dir = cache_dir
+        self.seed = seed
+        self.retries = retries
+        self.max_in_flight = max_in_flight
+        self.num_evaluated = 0  # likelihood evaluations paid by the last sample() (cache hits excluded)
+        self._store: dict = {}  # chunks evaluated by a sample() call that failed, reused by its retry
         self._supports = {s.name: prototype.nodes[s.name]["fn"].support for s in self.layout}
         self._unconstrained_shapes = {
             s.name: biject_to(self._supports[s.name]).inv(prototype.nodes[s.name]["value"]).shape
@@ -134,11 +164,19 @@ class PriorAdapter:
 
     # -- public ---------------------------------------------------------------------------
 
-    def sample(self, num_samples: int, progress: bool = False) -> WeightedDraws:
+    def sample(self, num_samples: int, progress: bool = False, seed: int | None = None) -> WeightedDraws:
         """Draw ``num_samples`` prior traces, weighted by their likelihood.
 
+        :param seed: overrides the adapter's ``seed`` for this call.
         :returns: :class:`WeightedDraws` with ``log_proposal == log_prior``.
         """
+        seed = self.seed if seed is None else seed
+        if self.executor is not None or self.cache_dir is not None or seed is not None:
+            return evaluation.sample_chunked(
+                self, num_samples, seed=seed, executor=self.executor, cache_dir=self.cache_dir,
+                retries=self.retries, max_in_flight=self.max_in_flight, progress=progress,
+            )
+        self.num_evaluated = num_samples
         parts = [
             self._run(n, values=None)
             for n in _chunks(num_samples, self.chunk_size, progress, "prior draws")
@@ -152,6 +190,12 @@ class PriorAdapter:
         :param latents: ``(N, D)`` unconstrained latents.
         :returns: ``(log_likelihood, log_prior)``, each ``(N,)`` float64.
         """
+        if self.executor is not None:
+            return evaluation.evaluate_chunked(self, latents, self.executor, self.retries, self.max_in_flight)
+        return self.evaluate_in_process(latents)
+
+    def evaluate_in_process(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`evaluate` in this process, whatever the executor (what each worker runs)."""
         out_lik, out_prior, pos = [], [], 0
         for n in _chunks(latents.shape[0], self.chunk_size, False, ""):
             _, log_lik, log_prior = self._run(n, values=latents[pos : pos + n])
@@ -159,6 +203,28 @@ class PriorAdapter:
             out_prior.append(log_prior)
             pos += n
         return torch.cat(out_lik), torch.cat(out_prior)
+
+    def draw_latents(self, num_samples: int) -> torch.Tensor:
+        """``(num_samples, D)`` float32 prior draws of the packed unconstrained latents, cheaply.
+
+        Runs the model only until its last latent site has a value, so the likelihood is not
+        computed. Vectorised under the particle plate when the prior part of the model allows it
+        (checked once on a few draws against draw-by-draw tracing), else one trace per draw. Uses
+        the global torch RNG.
+        """
+        if self.prior_vectorized is None:
+            with torch.random.fork_rng(devices=[]):  # the check must not shift the caller's stream
+                self.prior_vectorized = self._prior_vectorization_works()
+        if self.prior_vectorized:
+            return self._pack(self._prior_trace(num_samples, None), num_samples)[0]
+        parts = [self._pack(self._prior_trace(None, None), None)[0] for _ in range(num_samples)]
+        return torch.cat(parts) if parts else torch.empty(0, self.dim)
+
+    def __getstate__(self) -> dict:
+        # What an executor ships to its workers: never the executor itself, nor kept results.
+        state = dict(self.__dict__)
+        state.update(executor=None, _store={})
+        return state
 
     def unpack(self, latents: torch.Tensor) -> dict[str, torch.Tensor]:
         """``(N, D)`` unconstrained latents → ``{site: (N, *shape)}`` constrained values."""
@@ -192,6 +258,61 @@ class PriorAdapter:
                     trace = poutine.trace(model).get_trace(*self.args, **self.kwargs)
             _compute_log_prob(trace)
         return trace
+
+    @torch.no_grad()
+    def _prior_trace(self, n: int | None, values: dict[str, torch.Tensor] | None) -> poutine.Trace:
+        """Like :meth:`_trace`, but stops the model once every latent site has a value."""
+        model = self.model if values is None else poutine.condition(self.model, values)
+        tracer = poutine.trace(_StopAfterLatents([s.name for s in self.layout])(
+            poutine.block(model, hide_types=["param"])
+        ))
+        with pyro.validation_enabled(False):
+            try:
+                if n is None:
+                    tracer(*self.args, **self.kwargs)
+                else:
+                    with pyro.plate(_PARTICLES, n, dim=-self.max_plate_nesting - 1):
+                        tracer(*self.args, **self.kwargs)
+            except _LatentsDrawn:
+                pass
+            trace = tracer.msngr.trace
+            _compute_log_prob(trace)
+        return trace
+
+    def _prior_vectorization_works(self, k: int = 3) -> bool:
+        """Whether prior draws under the particle plate match draw-by-draw prior traces."""
+        try:
+            lat, lp_vec = self._pack(self._prior_trace(k, None), k)
+        except Exception:  # noqa: BLE001 - any failure means "not vectorisable"
+            return False
+        lp_seq = torch.cat([
+            self._pack(self._prior_trace(None, self._values(lat[i : i + 1], batched=False)), None)[1]
+            for i in range(k)
+        ])
+        return bool(torch.allclose(lp_vec, lp_seq, rtol=1e-4, atol=1e-3, equal_nan=True))
+
+    def _pack(self, trace: poutine.Trace, n: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``((n, D) float32 unconstrained latents, (n,) float64 log prior)`` of a trace's latent
+        sites; ``n=None`` for an unbatched trace (one draw)."""
+        dim = -self.max_plate_nesting - 1
+        rows = 1 if n is None else n
+        log_prior = torch.zeros(rows, dtype=torch.float64)
+        packed = []
+        for s in self.layout:
+            site = trace.nodes[s.name]
+            value = site["value"]
+            if value.numel() != rows * math.prod(s.shape):
+                raise RuntimeError(f"site '{s.name}' has shape {tuple(value.shape)} under vectorisation")
+            transform = biject_to(site["fn"].support)
+            u = transform.inv(value)
+            ladj = transform.log_abs_det_jacobian(u, value)
+            if n is None:
+                log_prior += float(site["log_prob"].sum() + ladj.sum())
+            else:
+                ladj = sum_rightmost(ladj, ladj.dim() - value.dim() + site["fn"].event_dim)
+                log_prior += _per_draw(site["log_prob"] + ladj, n, dim)
+            packed.append(u.reshape(rows, -1))
+        return torch.cat(packed, -1).float(), log_prior
 
     def _values(self, latents: torch.Tensor | None, batched: bool) -> dict | None:
         if latents is None:
@@ -276,6 +397,31 @@ class PriorAdapter:
             stacklevel=4,
         )
         return False
+
+
+class _LatentsDrawn(Exception):
+    """Raised by :class:`_StopAfterLatents` to end a prior trace early."""
+
+
+class _StopAfterLatents(Messenger):
+    """Stops the model (by raising :class:`_LatentsDrawn`) once every named site has a value.
+
+    Enter it inside ``poutine.trace`` so the trace records the last site before the stop.
+    """
+
+    def __init__(self, names: list[str]) -> None:
+        super().__init__()
+        self.names = frozenset(names)
+        self.pending: set[str] = set()
+
+    def __enter__(self):
+        self.pending = set(self.names)
+        return super().__enter__()
+
+    def _pyro_post_sample(self, msg: dict) -> None:
+        self.pending.discard(msg["name"])
+        if not self.pending:
+            raise _LatentsDrawn
 
 
 def _compute_log_prob(trace: poutine.Trace) -> None:

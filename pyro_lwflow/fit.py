@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Callable
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 
 import pyro
@@ -76,6 +78,9 @@ def fit(
     progress: bool = True,
     model_kwargs: dict | None = None,
     loss: LikelihoodWeightedKL | None = None,
+    executor: Executor | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    device: torch.device | str | None = None,
 ) -> FitResult:
     """Fit a likelihood-weighted flow to ``model``'s posterior given its data ``*args``.
 
@@ -91,6 +96,12 @@ def fit(
     :param progress: show a tqdm bar with the loss and ESS.
     :param loss: a configured :class:`LikelihoodWeightedKL` (overrides ``num_prior_samples``
         and ``batch_size``).
+    :param executor, cache_dir: evaluate the likelihood in seeded chunks on this
+        :class:`concurrent.futures.Executor` (e.g. ``distributed.Client(...).get_executor()``), one
+        ``.npz`` per chunk in ``cache_dir`` so a rerun resumes; see :mod:`pyro_lwflow.evaluation`
+        (with ``loss=``, set them on the loss instead).
+    :param device: train and sample the guide there (e.g. ``"cuda"``); the draws stay on the CPU.
+        Applies to a guide that has not seen the model yet.
     """
     start = time.perf_counter()
     model_kwargs = model_kwargs or {}
@@ -98,9 +109,12 @@ def fit(
         pyro.set_rng_seed(seed)
     if guide is None:
         guide = AutoLWFlow(model, num_components=num_components)
+    if device is not None and guide.prototype_trace is None:
+        guide.device = torch.device(device)
     if guide.prototype_trace is None:
         pyro.clear_param_store()  # a fresh guide must not pick up stale values by name
-    loss = loss or LikelihoodWeightedKL(num_prior_samples, batch_size, progress=progress)
+    loss = loss or LikelihoodWeightedKL(num_prior_samples, batch_size, progress=progress, executor=executor,
+                                        cache_dir=cache_dir)
     draws = loss.prepare(model, guide, *args, **model_kwargs)
     result = FitResult(
         guide, draws, ess=draws.ess, seed=seed, model=model, model_args=args, model_kwargs=dict(model_kwargs)

@@ -60,6 +60,8 @@ class AutoLWFlow(AutoContinuous):
     :param hidden_dims: hidden widths of each coupling's network.
     :param log_scale_bound: largest absolute log-scale a coupling may apply.
     :param max_components: the largest ``K`` tried when ``num_components="auto"``.
+    :param device: where the guide's parameters live and it trains and samples (e.g. ``"cuda"``);
+        default the model's. Weighted draws stay on the CPU; minibatches are moved here.
     """
 
     def __init__(
@@ -71,6 +73,7 @@ class AutoLWFlow(AutoContinuous):
         log_scale_bound: float = 3.0,
         max_components: int = 8,
         init_loc_fn: Callable = init_to_median,
+        device: torch.device | str | None = None,
     ) -> None:
         if num_components != "auto" and not (isinstance(num_components, int) and num_components >= 1):
             raise ValueError(
@@ -83,6 +86,7 @@ class AutoLWFlow(AutoContinuous):
         self.hidden_dims = tuple(hidden_dims)
         self.log_scale_bound = log_scale_bound
         self.max_components = max_components
+        self.device = None if device is None else torch.device(device)
         self.component_scores: dict[int, float] = {}
         self.initialized = False
         self._last_site = _LastSite()
@@ -111,9 +115,11 @@ class AutoLWFlow(AutoContinuous):
                 latent_sites(self.prototype_trace)
             raise
         self.layout = latent_sites(self.prototype_trace)
-        self.transform = realnvp(self.latent_dim, self.num_transforms, self.hidden_dims, self.log_scale_bound)
+        self.transform = realnvp(self.latent_dim, self.num_transforms, self.hidden_dims, self.log_scale_bound).to(
+            self.device
+        )
         k = 1 if self.num_components == "auto" else self.num_components
-        loc = self._init_loc().detach()
+        loc = self._init_loc().detach().to(self.device)
         spread = torch.randn(k, self.latent_dim, dtype=loc.dtype, device=loc.device) if k > 1 else 0.0
         self._set_mixture(torch.zeros(k), loc + spread, torch.ones(k, self.latent_dim), like=loc)
 
@@ -233,7 +239,7 @@ class AutoLWFlow(AutoContinuous):
             self._setup_prototype(*args, **kwargs)
         q = torch.as_tensor(quantiles, dtype=torch.float64)
         return {
-            name: torch.quantile(s.double(), q, dim=0).to(s.dtype)
+            name: torch.quantile(s.double(), q.to(s.device), dim=0).to(s.dtype)
             for name, s in self.sample_posterior(num_samples).items()
         }
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
+from concurrent.futures import Executor
 
 import torch
 from pyro.infer import ELBO
@@ -33,6 +35,10 @@ class LikelihoodWeightedKL(ELBO):
     :param chunk_size: draws traced in one vectorised call (bounds memory).
     :param min_ess: warn when the draws' effective sample size is below this.
     :param progress: show a progress bar while drawing.
+    :param executor, cache_dir, seed, retries: evaluate the likelihood in seeded chunks on a
+        :class:`concurrent.futures.Executor` (e.g. a Dask client's ``get_executor()``), caching each
+        chunk in ``cache_dir``; see :class:`~pyro_lwflow.adapter.PriorAdapter` and
+        :mod:`pyro_lwflow.evaluation`. Default: in-process, vectorised.
     """
 
     def __init__(
@@ -43,6 +49,11 @@ class LikelihoodWeightedKL(ELBO):
         chunk_size: int = 100_000,
         min_ess: float = 100.0,
         progress: bool = False,
+        *,
+        executor: Executor | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        seed: int | None = None,
+        retries: int = 2,
     ) -> None:
         if estimator not in ESTIMATORS:
             raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
@@ -55,6 +66,10 @@ class LikelihoodWeightedKL(ELBO):
         self.chunk_size = chunk_size
         self.min_ess = min_ess
         self.progress = progress
+        self.executor = executor
+        self.cache_dir = cache_dir
+        self.seed = seed
+        self.retries = retries
         self.draws: WeightedDraws | None = None
         self.num_likelihood_evals = 0
         self._args_seen: tuple | None = None
@@ -66,14 +81,21 @@ class LikelihoodWeightedKL(ELBO):
         if guide.prototype_trace is None:
             guide._setup_prototype(*args, **kwargs)
         if self.draws is None or not _same_args(self._args_seen, (args, kwargs)):
-            adapter = PriorAdapter(model, guide.prototype_trace, args, kwargs, self.chunk_size)
+            adapter = self.make_adapter(model, guide.prototype_trace, args, kwargs)
             draws = adapter.sample(self.num_prior_samples, progress=self.progress)
-            self.num_likelihood_evals += len(draws)
+            self.num_likelihood_evals += adapter.num_evaluated
             self.set_draws(check_weights(draws, self.min_ess))
             self._args_seen = _snapshot((args, kwargs))
         if not guide.initialized:
             guide.initialize(self.draws)
         return self.draws
+
+    def make_adapter(self, model: Callable, prototype, args: tuple = (), kwargs: dict | None = None) -> PriorAdapter:
+        """The :class:`~pyro_lwflow.adapter.PriorAdapter` with this loss's chunking and executor."""
+        return PriorAdapter(
+            model, prototype, args, kwargs, self.chunk_size,
+            executor=self.executor, cache_dir=self.cache_dir, seed=self.seed, retries=self.retries,
+        )
 
     def set_draws(self, draws: WeightedDraws) -> None:
         """Train on these weighted draws from now on."""

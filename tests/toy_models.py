@@ -37,3 +37,15 @@ def factor_model(target):
 def example_y(n=20, seed=0):
     gen = torch.Generator().manual_seed(seed)
     return torch.tensor([0.7, -1.2]) + torch.randn(n, 2, generator=gen)
+
+
+def numpy_factor_model(target):
+    """A black-box NumPy log-likelihood (one float per draw): traced draw by draw, not vectorised.
+
+    Module level, so a process pool can pickle it by reference.
+    """
+    import numpy as np
+
+    theta = pyro.sample("theta", dist.Normal(0.0, 2.0).expand([2]).to_event(1))
+    value = -0.5 * float(np.sum((theta.detach().numpy() - np.asarray(target)) ** 2))
+    pyro.factor("loglik", torch.tensor(value))
