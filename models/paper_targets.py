@@ -17,82 +17,24 @@ Use::
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import pyro
 import pyro.distributions as dist
 import torch
 
+from pyro_lwflow.truth import BoxTruth
+
 SPEC = json.loads((Path(__file__).with_name("paper_targets.json")).read_text())
 LOW, HIGH = SPEC["prior"]["low"], SPEC["prior"]["high"]
 
 
-class Target:
-    """An exact posterior: a density ``f`` on R^d truncated to the prior box ``[LOW, HIGH]^d``.
-
-    :param name: target name in the spec.
-    :param components: ``(K,)`` list of per-mode distributions (batch over θ of shape ``(..., d)``).
-    :param weights: ``(K,)`` mode weights.
-    :param component_log_prob: ``theta (..., d) → (..., K)`` log of weight × component density.
-    """
-
-    def __init__(self, name: str, dim: int, density: dist.Distribution, component_log_prob, weights):
-        self.name = name
-        self.dim = dim
-        self.density = density  # untruncated, event shape (dim,)
-        self._component_log_prob = component_log_prob
-        self.weights = torch.as_tensor(weights, dtype=torch.float64)
-        self.num_modes = len(weights)
-        gen_state = torch.get_rng_state()
-        torch.manual_seed(12345)
-        self.box_mass = float(self._inside(density.sample((2_000_000,))).double().mean())
-        torch.set_rng_state(gen_state)
-
-    @staticmethod
-    def _inside(theta: torch.Tensor) -> torch.Tensor:
-        return ((theta >= LOW) & (theta <= HIGH)).all(-1)
-
-    def likelihood(self, theta: torch.Tensor) -> torch.Tensor:
-        """``(...)`` log of the untruncated density at ``theta (..., d)``: the model's log-likelihood."""
-        return self.density.log_prob(theta)
-
-    def log_prob(self, theta: torch.Tensor) -> torch.Tensor:
-        """``(...)`` exact log posterior density (normalised on the box, −inf outside)."""
-        lp = self.density.log_prob(theta) - math.log(self.box_mass)
-        return torch.where(self._inside(theta), lp, torch.full_like(lp, -math.inf))
-
-    def sample(self, num_samples: int, seed: int | None = None) -> torch.Tensor:
-        """``(num_samples, d)`` exact posterior draws (rejection to the box)."""
-        state = torch.get_rng_state()
-        if seed is not None:
-            torch.manual_seed(seed)
-        out, have = [], 0
-        while have < num_samples:
-            x = self.density.sample((int(1.01 * (num_samples - have)) + 16,))
-            x = x[self._inside(x)]
-            out.append(x)
-            have += len(x)
-        if seed is not None:
-            torch.set_rng_state(state)
-        return torch.cat(out)[:num_samples]
-
-    def component_log_probs(self, theta: torch.Tensor) -> torch.Tensor:
-        """``(..., K)`` log(weight × density) of each mode, for mode-assignment metrics."""
-        return self._component_log_prob(theta)
-
-    @property
-    def log_evidence(self) -> float:
-        """Exact ``log Z = log ∫ prior × likelihood`` of the model."""
-        return math.log(self.box_mass) - self.dim * math.log(HIGH - LOW)
-
-
-def _gaussian_mixture(name: str, spec: dict) -> Target:
+def _gaussian_mixture(name: str, spec: dict) -> BoxTruth:
     weights = torch.tensor(spec["weights"])
     comps = dist.MultivariateNormal(torch.tensor(spec["means"]), torch.tensor(spec["covariances"]))
     density = dist.MixtureSameFamily(dist.Categorical(weights), comps)
-    return Target(
-        name, spec["dim"], density, lambda th: comps.log_prob(th.unsqueeze(-2)) + weights.log(), weights
+    return BoxTruth(
+        name, density, lambda th: comps.log_prob(th.unsqueeze(-2)) + weights.log(), weights, LOW, HIGH
     )
 
 
@@ -112,7 +54,7 @@ class _Product(dist.TorchDistribution):
         return sum(f.log_prob(value[..., i]) for i, f in enumerate(self.factors))
 
 
-def _product(name: str, spec: dict) -> Target:
+def _product(name: str, spec: dict) -> BoxTruth:
     t_spec, g_spec, l_spec = spec["factors"]
     weights = torch.tensor(t_spec["weights"])
     t_comps = dist.StudentT(t_spec["df"], torch.tensor(t_spec["locs"]), t_spec["scale"])
@@ -122,16 +64,11 @@ def _product(name: str, spec: dict) -> Target:
         dist.Laplace(l_spec["loc"], l_spec["scale"]),
     ]
     # the modes all lie along theta_1, so the mixture components of f1 assign draws to modes
-    return Target(
-        name,
-        spec["dim"],
-        _Product(factors),
-        lambda th: t_comps.log_prob(th[..., :1]) + weights.log(),
-        weights,
-    )
+    components = lambda th: t_comps.log_prob(th[..., :1]) + weights.log()  # noqa: E731
+    return BoxTruth(name, _Product(factors), components, weights, LOW, HIGH)
 
 
-def _target(name: str) -> Target:
+def _target(name: str) -> BoxTruth:
     spec = SPEC["targets"][name]
     return (_gaussian_mixture if spec["kind"] == "gaussian_mixture" else _product)(name, spec)
 

@@ -59,7 +59,9 @@ def psis_log_weights(log_weights: torch.Tensor) -> tuple[torch.Tensor, float]:
     lw = log_weights.detach().double().cpu().numpy()
     finite = np.isfinite(lw)
     out = np.full_like(lw, -np.inf)
-    smoothed, k = az.psislw(lw[finite].copy())
+    with warnings.catch_warnings(), np.errstate(over="ignore", under="ignore"):
+        warnings.simplefilter("ignore", RuntimeWarning)  # exp overflow inside psislw is harmless
+        smoothed, k = az.psislw(lw[finite].copy())
     out[finite] = smoothed
     return torch.from_numpy(out), float(np.asarray(k))
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Sequence
 
 import pyro
@@ -17,7 +18,7 @@ from torch.distributions import biject_to, constraints
 from .adapter import latent_sites
 from .draws import WeightedDraws
 from .flows import realnvp
-from .modes import fit_gaussian_mixture, resample_points, select_num_components
+from .modes import GaussianMixtureFit, fit_gaussian_mixture, resample_points, select_num_components
 
 __all__ = ["AutoLWFlow"]
 
@@ -67,7 +68,7 @@ class AutoLWFlow(AutoContinuous):
     def __init__(
         self,
         model: Callable,
-        num_components: int | str = 1,
+        num_components: int | str = "auto",
         num_transforms: int = 6,
         hidden_dims: Sequence[int] = (64, 64),
         log_scale_bound: float = 3.0,
@@ -132,24 +133,51 @@ class AutoLWFlow(AutoContinuous):
         self.component_scale = PyroParam(scales.to(like), constraint=constraints.positive)
 
     @torch.no_grad()
-    def initialize(self, draws: WeightedDraws, num_points: int = 20_000, seed: int = 0) -> None:
-        """Place the mixture components on the modes of the weighted draws.
+    def find_modes(self, draws: WeightedDraws, num_points: int = 20_000, seed: int = 0) -> GaussianMixtureFit:
+        """A Gaussian mixture on the weighted draws, one component per mode.
 
-        Resamples ``num_points`` draws in proportion to their weights, fits a Gaussian mixture
-        by EM (k-means++ seeding; ``K`` by BIC when ``num_components="auto"``), and sets each base
-        component's weight, mean and diagonal scale from it. Coupling layers stay at the identity.
+        Resamples ``num_points`` draws in proportion to their weights and fits a mixture by EM
+        (k-means++ seeding; ``K`` by BIC and density-dip merging when ``num_components="auto"``,
+        the candidates' scores kept in :attr:`component_scores`).
         """
-        if self.prototype_trace is None:
-            raise RuntimeError("call the guide (or LikelihoodWeightedKL) on the model's data first")
         gen = torch.Generator().manual_seed(seed)
         x = resample_points(draws, num_points, gen)
         if self.num_components == "auto":
             fit, self.component_scores = select_num_components(x, self.max_components, gen)
-        else:
-            fit = fit_gaussian_mixture(x, self.num_components, generator=gen)
+            return fit
+        return fit_gaussian_mixture(x, self.num_components, generator=gen)
+
+    @torch.no_grad()
+    def initialize(self, draws: WeightedDraws, mixture: GaussianMixtureFit | None = None, seed: int = 0) -> None:
+        """Place the base components on the modes of the weighted draws (:meth:`find_modes`).
+
+        Each component's weight, mean and diagonal scale come from the fitted mixture, so each
+        starts on its own mode; the coupling layers are left as they are (the identity when new).
+        """
+        if self.prototype_trace is None:
+            raise RuntimeError("call the guide (or LikelihoodWeightedKL) on the model's data first")
+        fit = mixture if mixture is not None else self.find_modes(draws, seed=seed)
         scales = torch.diagonal(fit.covariances, dim1=-2, dim2=-1).sqrt().clamp_min(1e-3)
         self._set_mixture(fit.weights.log(), fit.means, scales)
         self.initialized = True
+
+    @torch.no_grad()
+    def reset(self, draws: WeightedDraws, mixture: GaussianMixtureFit | None = None, seed: int = 0) -> None:
+        """Start again from the identity flow and a mixture placed on the draws' modes."""
+        del self.transform  # also drops its entries from Pyro's param store
+        self.transform = realnvp(self.latent_dim, self.num_transforms, self.hidden_dims, self.log_scale_bound).to(
+            self.device
+        )
+        self.initialize(draws, mixture, seed=seed)
+
+    @torch.no_grad()
+    def frozen_posterior(self) -> dist.TransformedDistribution:
+        """A detached copy of the current ``q`` over packed latents, unaffected by later training."""
+        base = dist.MixtureSameFamily(
+            dist.Categorical(logits=self.mixture_logits.detach().clone()),
+            dist.Normal(self.component_loc.detach().clone(), self.component_scale.detach().clone()).to_event(1),
+        )
+        return dist.TransformedDistribution(base, copy.deepcopy(self.transform))
 
     @torch.no_grad()
     def refit_mixture_weights(self, draws: WeightedDraws, num_iters: int = 50) -> None:

@@ -97,10 +97,16 @@ class LikelihoodWeightedKL(ELBO):
             executor=self.executor, cache_dir=self.cache_dir, seed=self.seed, retries=self.retries,
         )
 
-    def set_draws(self, draws: WeightedDraws) -> None:
-        """Train on these weighted draws from now on."""
+    def set_draws(self, draws: WeightedDraws, model_args: tuple | None = None) -> None:
+        """Train on these weighted draws from now on.
+
+        :param model_args: ``(args, kwargs)`` of the model the draws belong to; the draws are
+            kept until the model is called with different ones.
+        """
         self.draws = draws
         self._cdf = torch.cumsum(draws.weights, 0)
+        if model_args is not None:
+            self._args_seen = _snapshot(model_args)
 
     def differentiable_loss(self, model: Callable, guide, *args, **kwargs) -> torch.Tensor:
         """A minibatch estimate of ``−E_posterior[log q]`` (the cross-entropy; KL + const)."""

@@ -99,14 +99,21 @@ def select_num_components(
 ) -> tuple[GaussianMixtureFit, dict[int, float]]:
     """Estimate the number of modes: BIC over ``k = 1 … max_components``, then merge.
 
+    The scan stops early once BIC has worsened for two ``k`` in a row past its best.
+
     BIC counts Gaussian components, not modes: a skewed or heavy-tailed mode takes several.
     Two components are merged when the fitted density has no dip between their means (its
     minimum on the segment stays above ``dip`` × the smaller end value), and EM is rerun with
     the merged count, until every pair is separated by a dip.
 
-    :returns: the final fit and ``{k: bic}`` for every candidate.
+    :returns: the final fit and ``{k: bic}`` for every candidate tried.
     """
-    fits = {k: fit_gaussian_mixture(x, k, generator=generator) for k in range(1, max_components + 1)}
+    fits: dict[int, GaussianMixtureFit] = {}
+    for k in range(1, max_components + 1):
+        fits[k] = fit_gaussian_mixture(x, k, generator=generator)
+        best_k = min(fits, key=lambda j: fits[j].bic)
+        if k >= best_k + 2:  # BIC got worse twice in a row: larger k will not win
+            break
     scores = {k: f.bic for k, f in fits.items()}
     best = fits[min(scores, key=scores.get)]
     while best.num_components > 1:

@@ -15,7 +15,8 @@ pytestmark = pytest.mark.slow
 
 def test_conjugate_normal_mean_and_variance():
     y = example_y(20)
-    result = fit(conjugate_normal, y, num_steps=500, num_prior_samples=200_000, batch_size=512, progress=False)
+    result = fit(conjugate_normal, y, num_components=1, num_rounds=1, num_steps=500, num_prior_samples=200_000,
+                 batch_size=512, progress=False)
     mean, var = conjugate_posterior(y)
     theta = result.sample(40_000)["theta"]
     assert torch.allclose(theta.mean(0), mean, atol=0.02)
@@ -30,8 +31,8 @@ def test_conjugate_normal_mean_and_variance():
 def _two_mode_fit(k):
     model = load_model("models/paper_targets.py:two_mode_2d")
     guide = AutoLWFlow(model, num_components=k, num_transforms=4, hidden_dims=(32, 32))
-    result = fit(model, guide=guide, num_steps=600, num_prior_samples=200_000, batch_size=512, lr=5e-3,
-                 progress=False)
+    result = fit(model, guide=guide, num_rounds=1, num_steps=600, num_prior_samples=200_000, batch_size=512,
+                 lr=5e-3, progress=False)
     exact = model.truth.sample(20_000, seed=1)
     approx = result.sample(20_000)["theta"]
     return metrics.w1_avg(exact, approx), metrics.bridge_mass(model.truth.log_prob, exact, approx)

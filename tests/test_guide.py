@@ -101,7 +101,7 @@ def test_auto_components_are_chosen_and_scored():
     guide = AutoLWFlow(model, num_components="auto", max_components=5)
     LikelihoodWeightedKL(num_prior_samples=50_000).prepare(model, guide)
     assert guide.mixture_logits.shape == (3,)
-    assert set(guide.component_scores) == {1, 2, 3, 4, 5}
+    assert {1, 2, 3, 4, 5} >= set(guide.component_scores) >= {1, 2, 3}
     assert min(guide.component_scores, key=guide.component_scores.get) == 3
 
 
