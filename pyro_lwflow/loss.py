@@ -6,6 +6,7 @@ import os
 from collections.abc import Callable
 from concurrent.futures import Executor
 
+import numpy as np
 import torch
 from pyro.infer import ELBO
 
@@ -139,6 +140,8 @@ def _snapshot(obj):
     """A detached copy of the model arguments, to tell when they change."""
     if isinstance(obj, torch.Tensor):
         return obj.detach().clone()
+    if isinstance(obj, np.ndarray):
+        return obj.copy()
     if isinstance(obj, (list, tuple)):
         return type(obj)(_snapshot(o) for o in obj)
     if isinstance(obj, dict):
@@ -152,6 +155,8 @@ def _same_args(a, b) -> bool:
             isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape
             and bool(torch.equal(a, b.to(a)))
         )
+    if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
+        return isinstance(a, np.ndarray) and isinstance(b, np.ndarray) and np.array_equal(a, b)
     if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
         return len(a) == len(b) and all(_same_args(x, y) for x, y in zip(a, b, strict=True))
     if isinstance(a, dict) and isinstance(b, dict):

@@ -36,3 +36,20 @@ def test_both_estimators_are_unbiased_for_the_full_loss(estimator):
 def test_bad_estimator_name():
     with pytest.raises(ValueError, match="estimator"):
         LikelihoodWeightedKL(estimator="importance")
+
+
+def test_numpy_arguments_do_not_force_a_redraw():
+    import numpy as np
+
+    def model(target):
+        theta = pyro.sample("theta", pyro.distributions.Normal(0.0, 3.0).expand([2]).to_event(1))
+        pyro.factor("lik", pyro.distributions.Normal(torch.as_tensor(target), 1.0).to_event(1).log_prob(theta))
+
+    loss = LikelihoodWeightedKL(num_prior_samples=1000, batch_size=64)
+    svi = SVI(model, AutoLWFlow(model), pyro.optim.Adam({"lr": 1e-3}), loss)
+    target = np.array([1.0, 0.0], dtype=np.float32)
+    svi.step(target)
+    svi.step(target.copy())
+    assert loss.num_likelihood_evals == 1000
+    svi.step(target + 1)
+    assert loss.num_likelihood_evals == 2000
