@@ -133,7 +133,7 @@ class AutoLWFlow(AutoContinuous):
         self.component_scale = PyroParam(scales.to(like), constraint=constraints.positive)
 
     @torch.no_grad()
-    def find_modes(self, draws: WeightedDraws, num_points: int = 20_000, seed: int = 0) -> GaussianMixtureFit:
+    def find_modes(self, draws: WeightedDraws, num_points: int = 5_000, seed: int = 0) -> GaussianMixtureFit:
         """A Gaussian mixture on the weighted draws, one component per mode.
 
         Resamples ``num_points`` draws in proportion to their weights and fits a mixture by EM

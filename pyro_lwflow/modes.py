@@ -48,7 +48,7 @@ def kmeans_plus_plus(x: torch.Tensor, k: int, generator: torch.Generator | None 
 
 
 def _component_log_probs(x, weights, means, covariances):
-    mvn = torch.distributions.MultivariateNormal(means, covariance_matrix=covariances)
+    mvn = torch.distributions.MultivariateNormal(means, covariance_matrix=covariances, validate_args=False)
     return mvn.log_prob(x[:, None, :]) + weights.log()  # (M, K)
 
 
@@ -58,11 +58,18 @@ def fit_gaussian_mixture(
     num_iters: int = 100,
     tol: float = 1e-6,
     generator: torch.Generator | None = None,
+    num_restarts: int = 3,
 ) -> GaussianMixtureFit:
-    """EM for a ``k``-component full-covariance Gaussian mixture, seeded by k-means++.
+    """EM for a ``k``-component full-covariance Gaussian mixture, the best of ``num_restarts``
+    k-means++ seedings (one seeding can merge two modes and split a third).
 
     :param x: ``(M, D)`` points (draws resampled by weight).
     """
+    restarts = [_em(x, k, num_iters, tol, generator) for _ in range(num_restarts if k > 1 else 1)]
+    return max(restarts, key=lambda f: f.log_likelihood)
+
+
+def _em(x: torch.Tensor, k: int, num_iters: int, tol: float, generator: torch.Generator | None) -> GaussianMixtureFit:
     x = x.double()
     m, d = x.shape
     reg = 1e-6 * x.var(0).mean().clamp_min(1e-12) * torch.eye(d, dtype=x.dtype)
