@@ -17,7 +17,11 @@ Any :class:`concurrent.futures.Executor` works: a ``ProcessPoolExecutor`` (plain
 must be importable, e.g. defined at module level in an installed or importable module), a Dask
 ``distributed.Client(...).get_executor()`` (cloudpickle: closures and ``__main__`` functions work
 too), or ``None`` for in-process evaluation of the same chunks. Because each chunk has its own seed,
-the weights are identical whichever executor evaluates them.
+the weights are identical whichever executor evaluates them. Pyro's effect stack is global to a
+process, so thread workers (a ``ThreadPoolExecutor``, Dask with ``processes=False`` or several threads
+per worker) are correct but trace one chunk at a time per process: use processes for a speed-up.
+:meth:`PriorAdapter.evaluate <pyro_lwflow.adapter.PriorAdapter.evaluate>` of given latents (e.g. the
+guide's draws in fit's adaptive rounds) goes through the executor too, with retries but no cache.
 
 A chunk whose evaluation raises is re-submitted up to ``retries`` times; after that,
 :class:`ChunkFailedError` names it (chunk index and draw range). The chunks finished by then are
