@@ -38,7 +38,8 @@ class Proposal:
         """``(N,)`` float64 log density at packed latents whose prior log density is ``log_prior``."""
         if self.flow is None:
             return log_prior
-        log_flow = torch.cat([self.flow.log_prob(c).double() for c in latents.split(chunk)])
+        device = self.flow.base_dist.mixture_distribution.logits.device  # the guide's; draws live on the CPU
+        log_flow = torch.cat([self.flow.log_prob(c.to(device)).double().cpu() for c in latents.split(chunk)])
         log_flow = torch.nan_to_num(log_flow, nan=-math.inf)
         if self.defensive <= 0:
             return log_flow
