@@ -27,19 +27,21 @@ class Proposal:
     :param flow: a frozen guide distribution over packed latents, or ``None``.
     :param defensive: the prior's share ``α`` (keeps weights bounded where the flow is thin).
     :param count: draws taken from it.
+    :param device: where ``flow`` evaluates.
     """
 
     flow: Distribution | None
     defensive: float
     count: int
+    device: torch.device = torch.device("cpu")
 
     @torch.no_grad()
     def log_prob(self, latents: torch.Tensor, log_prior: torch.Tensor, chunk: int = 200_000) -> torch.Tensor:
         """``(N,)`` float64 log density at packed latents whose prior log density is ``log_prior``."""
         if self.flow is None:
             return log_prior
-        device = self.flow.base_dist.mixture_distribution.logits.device  # the guide's; draws live on the CPU
-        log_flow = torch.cat([self.flow.log_prob(c.to(device)).double().cpu() for c in latents.split(chunk)])
+        # the flow lives on the guide's device; draws stay on the CPU
+        log_flow = torch.cat([self.flow.log_prob(c.to(self.device)).double().cpu() for c in latents.split(chunk)])
         log_flow = torch.nan_to_num(log_flow, nan=-math.inf)
         if self.defensive <= 0:
             return log_flow

@@ -236,7 +236,7 @@ def _place_components(guide: AutoLWFlow, draws: WeightedDraws, seed: int) -> Non
 
 def _draw_round(pool: DrawPool, adapter: PriorAdapter, guide: AutoLWFlow, num: int, defensive: float) -> int:
     """Draw ``num`` from ``(1 − defensive) guide + defensive prior``, evaluate and pool them."""
-    proposal = Proposal(guide.frozen_posterior(), defensive, num)
+    proposal = Proposal(guide.frozen_posterior(), defensive, num, guide.component_loc.device)
     num_prior = int(torch.distributions.Binomial(num, torch.tensor(defensive)).sample()) if defensive > 0 else 0
     with torch.no_grad():
         latents = proposal.flow.sample((num - num_prior,)).float().cpu()

@@ -188,7 +188,10 @@ class AutoLWFlow(AutoContinuous):
         leave the weights noisy by about the minibatch's own sampling error; this removes that
         noise, leaving only the draws' (ESS-limited) error.
         """
-        keep = draws.weights > 1e-12
+        # the draws carrying all but 1e-9 of the weight: a few percent of a prior sample
+        order = torch.argsort(draws.weights, descending=True)
+        mass = torch.cumsum(draws.weights[order], 0)
+        keep = order[: int(torch.searchsorted(mass, torch.tensor(1 - 1e-9, dtype=mass.dtype))) + 1]
         weights = draws.weights[keep]
         weights = (weights / weights.sum()).to(self.component_loc)
         z = self.transform.inv(draws.latents[keep].to(self.component_loc))
