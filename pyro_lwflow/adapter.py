@@ -333,23 +333,10 @@ class PriorAdapter:
         trace = self._trace(n, self._values(latents, batched=True))
         dim = -self.max_plate_nesting - 1
         log_lik = torch.zeros(n, dtype=torch.float64)
-        log_prior = torch.zeros(n, dtype=torch.float64)
-        packed = []
         for name in self.observed:
             log_lik += _per_draw(trace.nodes[name]["log_prob"], n, dim)
-        for s in self.layout:
-            site = trace.nodes[s.name]
-            value = site["value"]
-            if value.numel() != n * math.prod(s.shape):
-                raise RuntimeError(f"site '{s.name}' has shape {tuple(value.shape)} under vectorisation")
-            transform = biject_to(site["fn"].support)
-            u = transform.inv(value)
-            ladj = transform.log_abs_det_jacobian(u, value)
-            ladj = sum_rightmost(ladj, ladj.dim() - value.dim() + site["fn"].event_dim)
-            log_prior += _per_draw(site["log_prob"] + ladj, n, dim)
-            packed.append(u.reshape(n, -1))
-        latents = torch.cat(packed, -1).float() if latents is None else latents.float()
-        return latents, log_lik, log_prior
+        packed, log_prior = self._pack(trace, n)
+        return (packed if latents is None else latents.float()), log_lik, log_prior
 
     def _run_sequential(self, n: int, latents: torch.Tensor | None):
         out = []
@@ -357,14 +344,8 @@ class PriorAdapter:
             values = None if latents is None else self._values(latents[i : i + 1], batched=False)
             trace = self._trace(None, values)
             log_lik = sum(float(trace.nodes[k]["log_prob"].sum()) for k in self.observed)
-            log_prior, packed = 0.0, []
-            for s in self.layout:
-                site = trace.nodes[s.name]
-                transform = biject_to(site["fn"].support)
-                u = transform.inv(site["value"])
-                log_prior += float(site["log_prob"].sum() + transform.log_abs_det_jacobian(u, site["value"]).sum())
-                packed.append(u.reshape(-1))
-            out.append((torch.cat(packed), log_lik, log_prior))
+            packed, log_prior = self._pack(trace, None)
+            out.append((packed[0], log_lik, float(log_prior[0])))
         lat = torch.stack([o[0] for o in out]).float() if latents is None else latents.float()
         return (
             lat,
