@@ -40,9 +40,16 @@ class BoundedHypernet(nn.Module):
 
 
 def _permutation(dim: int, layer: int) -> torch.LongTensor:
-    """A fixed permutation per layer, rebuilt identically from ``(dim, layer)`` on load."""
-    if dim <= 3 or layer % 2 == 0:
-        return torch.arange(dim - 1, -1, -1)
+    """A fixed permutation per layer, rebuilt identically from ``(dim, layer)`` on load.
+
+    Even layers rotate the coordinates by the coupling's split, so every coordinate conditions a
+    coupling within ``⌈D / split⌉`` layers (a reversal would leave the middle of an odd ``D``
+    forever transformed affinely, never conditioning); odd layers shuffle them (seeded) to mix.
+    """
+    if dim == 2:
+        return torch.tensor([1, 0])
+    if dim == 3 or layer % 2 == 0:
+        return torch.roll(torch.arange(dim), -(dim // 2))
     return torch.randperm(dim, generator=torch.Generator().manual_seed(layer))
 
 
