@@ -8,8 +8,24 @@ import torch
 from pyro.distributions.transforms import AffineCoupling, ComposeTransformModule, Permute
 from pyro.nn import DenseNN
 from torch import nn
+from torch.distributions import constraints
 
-__all__ = ["BoundedHypernet", "realnvp"]
+__all__ = ["BoundedHypernet", "FlowStack", "realnvp"]
+
+
+class FlowStack(ComposeTransformModule):
+    """A :class:`~pyro.distributions.transforms.ComposeTransformModule` of bijections of
+    ``R^D``, whose domain and codomain are fixed: the parent class rebuilds them from every part
+    on each access, thousands of constraint objects per training step (~40 % of its time)."""
+
+    domain = constraints.real_vector
+    codomain = constraints.real_vector
+
+    def log_abs_det_jacobian(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """``(*batch, D) → (*batch,)``; an empty stack is the identity (the parent returns ``x``'s shape)."""
+        if not self.parts:
+            return x.new_zeros(x.shape[:-1])
+        return super().log_abs_det_jacobian(x, y)
 
 
 class BoundedHypernet(nn.Module):
@@ -49,7 +65,7 @@ def _permutation(dim: int, layer: int) -> torch.LongTensor:
     if dim == 2:
         return torch.tensor([1, 0])
     if dim == 3 or layer % 2 == 0:
-        return torch.roll(torch.arange(dim), -(dim // 2))
+        return torch.roll(torch.arange(dim), -((dim + 1) // 2))
     return torch.randperm(dim, generator=torch.Generator().manual_seed(layer))
 
 
@@ -58,11 +74,11 @@ def realnvp(
     num_transforms: int = 6,
     hidden_dims: Sequence[int] = (64, 64),
     log_scale_bound: float = 3.0,
-) -> ComposeTransformModule:
+) -> FlowStack:
     """A RealNVP stack: ``num_transforms`` affine couplings, each followed by a permutation.
 
     :param dim: dimension ``D`` of the packed latent vector; maps ``(..., D) → (..., D)``.
-    :returns: a :class:`~pyro.distributions.transforms.ComposeTransformModule` that starts at the
+    :returns: a :class:`FlowStack` that starts at the
         identity (a last permutation undoes the others). A 1-D latent has nothing to couple: the
         stack is then empty and the mixture base alone models it.
 
@@ -70,8 +86,8 @@ def realnvp(
     https://arxiv.org/abs/1605.08803
     """
     if dim < 2:
-        return ComposeTransformModule([])
-    split = dim // 2
+        return FlowStack([])
+    split = (dim + 1) // 2
     parts: list = []
     order = torch.arange(dim)  # which input coordinate sits at each position
     for layer in range(num_transforms):
@@ -87,4 +103,4 @@ def realnvp(
             order = order[perm]
     if not torch.equal(order, torch.arange(dim)):
         parts.append(Permute(torch.argsort(order)))
-    return ComposeTransformModule(parts)
+    return FlowStack(parts)

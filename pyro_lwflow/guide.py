@@ -16,8 +16,9 @@ from pyro.poutine.messenger import Messenger
 from torch.distributions import biject_to, constraints
 
 from .adapter import latent_sites
+from .coordinates import box_coordinates
 from .draws import WeightedDraws
-from .flows import realnvp
+from .flows import FlowStack, realnvp
 from .modes import GaussianMixtureFit, fit_gaussian_mixture, resample_points, select_num_components
 
 __all__ = ["AutoLWFlow"]
@@ -61,6 +62,10 @@ class AutoLWFlow(AutoContinuous):
     :param hidden_dims: hidden widths of each coupling's network.
     :param log_scale_bound: largest absolute log-scale a coupling may apply.
     :param max_components: the largest ``K`` tried when ``num_components="auto"``.
+    :param box_margin: for sites with a bounded support (``Uniform``, ``Beta``, ...) the flow works
+        in θ itself on the interior of the interval, with logit-like tails on this share of its
+        width at each edge (:class:`~pyro_lwflow.coordinates.BoxCoordinates`); ``None`` keeps
+        Pyro's logit coordinates, which bend every mode.
     :param device: where the guide's parameters live and it trains and samples (e.g. ``"cuda"``);
         default the model's. Weighted draws stay on the CPU; minibatches are moved here.
     """
@@ -73,6 +78,7 @@ class AutoLWFlow(AutoContinuous):
         hidden_dims: Sequence[int] = (64, 64),
         log_scale_bound: float = 3.0,
         max_components: int = 8,
+        box_margin: float | None = 0.05,
         init_loc_fn: Callable = init_to_median,
         device: torch.device | str | None = None,
     ) -> None:
@@ -87,6 +93,7 @@ class AutoLWFlow(AutoContinuous):
         self.hidden_dims = tuple(hidden_dims)
         self.log_scale_bound = log_scale_bound
         self.max_components = max_components
+        self.box_margin = box_margin
         self.device = None if device is None else torch.device(device)
         self.component_scores: dict[int, float] = {}
         self.initialized = False
@@ -116,13 +123,23 @@ class AutoLWFlow(AutoContinuous):
                 latent_sites(self.prototype_trace)
             raise
         self.layout = latent_sites(self.prototype_trace)
-        self.transform = realnvp(self.latent_dim, self.num_transforms, self.hidden_dims, self.log_scale_bound).to(
-            self.device
-        )
+        self.transform = self._new_transform()
         k = 1 if self.num_components == "auto" else self.num_components
-        loc = self._init_loc().detach().to(self.device)
+        loc = self.to_flow_coordinates(self._init_loc().detach().to(self.device))
         spread = torch.randn(k, self.latent_dim, dtype=loc.dtype, device=loc.device) if k > 1 else 0.0
         self._set_mixture(torch.zeros(k), loc + spread, torch.ones(k, self.latent_dim), like=loc)
+
+    def _new_transform(self) -> FlowStack:
+        """Couplings (starting at the identity), then the map to Pyro's unconstrained coordinates."""
+        parts = list(realnvp(self.latent_dim, self.num_transforms, self.hidden_dims, self.log_scale_bound).parts)
+        if self.box_margin is not None:
+            parts.append(box_coordinates(self.prototype_trace, self.box_margin))
+        return FlowStack(parts).to(self.device)
+
+    def to_flow_coordinates(self, latents: torch.Tensor) -> torch.Tensor:
+        """Packed unconstrained latents ``(..., D)`` → the coordinates the couplings output and the
+        mixture starts in (θ itself inside bounded supports; see ``box_margin``)."""
+        return self.transform.parts[-1].inv(latents) if self.box_margin is not None else latents
 
     def _set_mixture(
         self, logits: torch.Tensor, locs: torch.Tensor, scales: torch.Tensor, like: torch.Tensor | None = None
@@ -141,7 +158,7 @@ class AutoLWFlow(AutoContinuous):
         the candidates' scores kept in :attr:`component_scores`).
         """
         gen = torch.Generator().manual_seed(seed)
-        x = resample_points(draws, num_points, gen)
+        x = self.to_flow_coordinates(resample_points(draws, num_points, gen).to(self.component_loc)).cpu()
         if self.num_components == "auto":
             fit, self.component_scores = select_num_components(x, self.max_components, gen)
             return fit
@@ -165,9 +182,7 @@ class AutoLWFlow(AutoContinuous):
     def reset(self, draws: WeightedDraws, mixture: GaussianMixtureFit | None = None, seed: int = 0) -> None:
         """Start again from the identity flow and a mixture placed on the draws' modes."""
         del self.transform  # also drops its entries from Pyro's param store
-        self.transform = realnvp(self.latent_dim, self.num_transforms, self.hidden_dims, self.log_scale_bound).to(
-            self.device
-        )
+        self.transform = self._new_transform()
         self.initialize(draws, mixture, seed=seed)
 
     @torch.no_grad()

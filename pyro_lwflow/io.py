@@ -55,6 +55,7 @@ def save(result_or_guide, path: str | os.PathLike) -> Path:
         "hidden_dims": list(guide.hidden_dims),
         "log_scale_bound": float(guide.log_scale_bound),
         "max_components": guide.max_components,
+        "box_margin": guide.box_margin,
         "latent_dim": guide.latent_dim,
         "sites": {s.name: list(s.shape) for s in guide.layout},
         "component_scores": {str(k): float(v) for k, v in guide.component_scores.items()},
@@ -112,6 +113,7 @@ def load(path: str | os.PathLike, model: Callable, *model_args, **model_kwargs) 
         hidden_dims=config["hidden_dims"],
         log_scale_bound=config["log_scale_bound"],
         max_components=config.get("max_components", 8),
+        box_margin=config.get("box_margin"),
     )
     with torch.random.fork_rng(devices=[]):  # set-up draws initial values; leave the user's RNG alone
         guide._setup_prototype(*model_args, **model_kwargs)

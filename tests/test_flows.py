@@ -71,3 +71,10 @@ def test_every_coordinate_conditions_a_coupling(dim):
     x = torch.randn(256, dim, requires_grad=True)
     t.log_abs_det_jacobian(x, t(x)).sum().backward()
     assert (x.grad.abs().sum(0) > 0).all()
+
+
+def test_one_dimensional_latent_has_an_empty_stack_with_per_draw_log_det():
+    t = realnvp(1)
+    x = torch.randn(7, 1)
+    assert len(t.parts) == 0 and torch.equal(t(x), x)
+    assert t.log_abs_det_jacobian(x, x).shape == (7,)
