@@ -65,7 +65,7 @@ class Budget:
     """What every fit gets (ours and normflows alike), and the metric sample sizes."""
 
     prior_samples: int = 1_000_000
-    steps: int = 600
+    steps: int = 1500
     batch: int = 1024
     lr: float = 5e-3
     lr_decay: float = 0.1
@@ -205,6 +205,7 @@ def run_one(target: str, k: int, seed: int, budget: Budget, with_normflows: bool
     """Fit (target, k, seed) with ours and then, on the same draws, normflows; returns their records
     (metrics, timings and, for seed 0, the model draws under ``"draws"`` for the figures)."""
     torch.set_num_threads(1)  # tiny networks: one thread is fastest, and the machine is shared
+    torch.optim.Adam([torch.zeros(1, requires_grad=True)])  # its first use imports ~1 s of modules: not timed
     nf = _import_normflows()[0] if with_normflows else None
     model = load_model(BUNDLED_MODELS / f"paper_targets.py:{target}")
     truth = model.truth

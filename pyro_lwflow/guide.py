@@ -195,27 +195,37 @@ class AutoLWFlow(AutoContinuous):
         return dist.TransformedDistribution(base, copy.deepcopy(self.transform))
 
     @torch.no_grad()
-    def refit_mixture_weights(self, draws: WeightedDraws, num_iters: int = 50) -> None:
+    def refit_mixture_weights(self, draws: WeightedDraws, max_iters: int = 200, tol: float = 1e-6) -> None:
         """Set the mixture weights to their weighted maximum-likelihood value given the flow.
 
         EM on the weights alone: the flow and the components stay fixed, so each component's
-        responsibility for each draw is computed once in the base space. Stochastic gradients
-        leave the weights noisy by about the minibatch's own sampling error; this removes that
-        noise, leaving only the draws' (ESS-limited) error.
+        responsibility for each draw is computed once in the base space; it stops when no weight
+        moves by more than ``tol``. Stochastic gradients leave the weights noisy by about the
+        minibatch's own sampling error; this removes that noise, leaving only the draws'
+        (ESS-limited) error.
         """
-        # the draws carrying all but 1e-9 of the weight: a few percent of a prior sample
+        if self.mixture_logits.shape[0] == 1:
+            return
+        # the draws carrying all but 1e-6 of the weight: a few percent of a prior sample
         order = torch.argsort(draws.weights, descending=True)
         mass = torch.cumsum(draws.weights[order], 0)
-        keep = order[: int(torch.searchsorted(mass, torch.tensor(1 - 1e-9, dtype=mass.dtype))) + 1]
+        keep = order[: int(torch.searchsorted(mass, torch.tensor(1 - 1e-6, dtype=mass.dtype))) + 1]
         weights = draws.weights[keep]
         weights = (weights / weights.sum()).to(self.component_loc)
-        z = self.transform.inv(draws.latents[keep].to(self.component_loc))
         comps = dist.Normal(self.component_loc, self.component_scale).to_event(1)
-        log_comp = comps.log_prob(z.unsqueeze(-2))  # (M, K)
-        log_pi = torch.log_softmax(self.mixture_logits, 0)
-        for _ in range(num_iters):
-            resp = torch.softmax(log_comp + log_pi, -1)
-            log_pi = (weights @ resp).clamp_min(1e-12).log()
+        log_comp = torch.cat([  # (M, K), in chunks to bound the flow's activations
+            comps.log_prob(self.transform.inv(chunk.to(self.component_loc)).unsqueeze(-2))
+            for chunk in draws.latents[keep].split(65_536)
+        ])
+        pi = torch.softmax(self.mixture_logits, 0)
+        for _ in range(max_iters):
+            resp = torch.softmax(log_comp + pi.clamp_min(1e-12).log(), -1)
+            new = weights @ resp
+            done = float((new - pi).abs().max()) < tol
+            pi = new
+            if done:
+                break
+        log_pi = pi.clamp_min(1e-12).log()
         # in place, so an optimiser holding the parameter keeps working
         self.mixture_logits_unconstrained.data.copy_(log_pi - log_pi.logsumexp(0))
 
