@@ -20,6 +20,7 @@ bridge_mass, |log Ẑ − log Z|, likelihood evaluations and wall time. Writes
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import platform
 import shlex
@@ -104,7 +105,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny budgets (for CI)")
     parser.add_argument("--targets", nargs="*", default=list(HIGH_DIM + PAPER))
     parser.add_argument("--max-evals", type=int, default=1_000_000)
-    parser.add_argument("--steps", type=int, default=1500, help="gradient steps per round")
+    parser.add_argument("--steps", type=int, default=inspect.signature(fit).parameters["num_steps"].default,
+                        help="gradient steps per round (default: fit's)")
     parser.add_argument("--no-dynesty", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))

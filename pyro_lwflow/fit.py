@@ -103,7 +103,7 @@ def fit(
     guide: AutoLWFlow | None = None,
     num_components: int | str = "auto",
     num_rounds: int | str = "auto",
-    num_steps: int = 1500,
+    num_steps: int = 600,
     num_prior_samples: int = 100_000,
     samples_per_round: int | None = None,
     max_likelihood_evals: int = 1_000_000,
@@ -139,7 +139,7 @@ def fit(
     :param guide: an :class:`AutoLWFlow` to train (its own ``num_components`` is used); by
         default a fresh one with ``num_components`` (``"auto"``: chosen from the draws and
         re-chosen each round).
-    :param num_steps: gradient steps per round.
+    :param num_steps: gradient steps per round (each round after the first starts from the last flow).
     :param lr: Adam learning rate; each round it decays geometrically to ``lr · lr_decay``.
     :param clip_norm: clip on the global gradient norm.
     :param seed: seeds Pyro, torch and NumPy (``pyro.set_rng_seed``); ``None`` leaves them.

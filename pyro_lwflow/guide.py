@@ -16,7 +16,7 @@ from pyro.poutine.messenger import Messenger
 from torch.distributions import biject_to, constraints
 
 from .adapter import latent_sites
-from .coordinates import box_coordinates
+from .coordinates import BoxCoordinates, Standardize, box_coordinates
 from .draws import WeightedDraws
 from .flows import FlowStack, realnvp
 from .modes import GaussianMixtureFit, fit_gaussian_mixture, resample_points, select_num_components
@@ -130,16 +130,33 @@ class AutoLWFlow(AutoContinuous):
         self._set_mixture(torch.zeros(k), loc + spread, torch.ones(k, self.latent_dim), like=loc)
 
     def _new_transform(self) -> FlowStack:
-        """Couplings (starting at the identity), then the map to Pyro's unconstrained coordinates."""
+        """Couplings (starting at the identity), then the fixed maps to Pyro's unconstrained
+        coordinates: :class:`~pyro_lwflow.coordinates.Standardize` and, unless ``box_margin`` is
+        ``None``, :class:`~pyro_lwflow.coordinates.BoxCoordinates`."""
         parts = list(realnvp(self.latent_dim, self.num_transforms, self.hidden_dims, self.log_scale_bound).parts)
+        parts.append(Standardize(self.latent_dim))
         if self.box_margin is not None:
             parts.append(box_coordinates(self.prototype_trace, self.box_margin))
         return FlowStack(parts).to(self.device)
 
+    def _fixed_parts(self) -> list:
+        """The trailing parameter-free maps of the transform, in order."""
+        parts = self.transform.parts
+        n = len(parts)
+        while n and isinstance(parts[n - 1], (Standardize, BoxCoordinates)):
+            n -= 1
+        return parts[n:]
+
+    def _standardize(self) -> Standardize:
+        return next(p for p in self._fixed_parts() if isinstance(p, Standardize))
+
     def to_flow_coordinates(self, latents: torch.Tensor) -> torch.Tensor:
         """Packed unconstrained latents ``(..., D)`` → the coordinates the couplings output and the
-        mixture starts in (θ itself inside bounded supports; see ``box_margin``)."""
-        return self.transform.parts[-1].inv(latents) if self.box_margin is not None else latents
+        mixture starts in: standardised (mean 0, spread 1 over the posterior), and linear in θ
+        inside bounded supports (see ``box_margin``)."""
+        for part in reversed(self._fixed_parts()):
+            latents = part.inv(latents)
+        return latents
 
     def _set_mixture(
         self, logits: torch.Tensor, locs: torch.Tensor, scales: torch.Tensor, like: torch.Tensor | None = None
@@ -158,11 +175,15 @@ class AutoLWFlow(AutoContinuous):
         the candidates' scores kept in :attr:`component_scores`).
         """
         gen = torch.Generator().manual_seed(seed)
-        x = self.to_flow_coordinates(resample_points(draws, num_points, gen).to(self.component_loc)).cpu()
+        standardize = self._standardize()
+        # EM before standardising: a per-coordinate rescaling would shrink the axis the modes are
+        # spread along to the spread of the others, and separated modes would be found less often
+        y = standardize(self.to_flow_coordinates(resample_points(draws, num_points, gen).to(self.component_loc))).cpu()
         if self.num_components == "auto":
-            fit, self.component_scores = select_num_components(x, self.max_components, gen)
-            return fit
-        return fit_gaussian_mixture(x, self.num_components, generator=gen)
+            fit, self.component_scores = select_num_components(y, self.max_components, gen)
+        else:
+            fit = fit_gaussian_mixture(y, self.num_components, generator=gen)
+        return fit.standardized(standardize.loc.cpu(), standardize.scale.cpu())
 
     @torch.no_grad()
     def initialize(self, draws: WeightedDraws, mixture: GaussianMixtureFit | None = None, seed: int = 0) -> None:
@@ -170,9 +191,14 @@ class AutoLWFlow(AutoContinuous):
 
         Each component's weight, mean and diagonal scale come from the fitted mixture, so each
         starts on its own mode; the coupling layers are left as they are (the identity when new).
+        The first time, the flow's coordinates are also standardised on the draws
+        (:class:`~pyro_lwflow.coordinates.Standardize`).
         """
         if self.prototype_trace is None:
             raise RuntimeError("call the guide (or LikelihoodWeightedKL) on the model's data first")
+        if not self.initialized and mixture is None:  # once: later mixtures live in these coordinates
+            points = resample_points(draws, 5_000, torch.Generator().manual_seed(seed)).to(self.component_loc)
+            self._standardize().fit_(self.to_flow_coordinates(points))
         fit = mixture if mixture is not None else self.find_modes(draws, seed=seed)
         scales = torch.diagonal(fit.covariances, dim1=-2, dim2=-1).sqrt().clamp_min(1e-3)
         self._set_mixture(fit.weights.log(), fit.means, scales)
@@ -181,8 +207,11 @@ class AutoLWFlow(AutoContinuous):
     @torch.no_grad()
     def reset(self, draws: WeightedDraws, mixture: GaussianMixtureFit | None = None, seed: int = 0) -> None:
         """Start again from the identity flow and a mixture placed on the draws' modes."""
+        fixed = [copy.deepcopy(p) for p in self._fixed_parts()]  # the mixture is in their coordinates
         del self.transform  # also drops its entries from Pyro's param store
         self.transform = self._new_transform()
+        for old, new in zip(fixed, self._fixed_parts(), strict=True):
+            new.load_state_dict(old.state_dict())
         self.initialize(draws, mixture, seed=seed)
 
     @torch.no_grad()

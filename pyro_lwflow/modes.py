@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -32,6 +32,11 @@ class GaussianMixtureFit:
     @property
     def num_components(self) -> int:
         return self.weights.shape[0]
+
+    def standardized(self, loc: torch.Tensor, scale: torch.Tensor) -> GaussianMixtureFit:
+        """The same mixture in the coordinates ``(x − loc) / scale`` (``loc``, ``scale``: ``(D,)``)."""
+        return replace(self, means=(self.means - loc) / scale,
+                       covariances=self.covariances / (scale[:, None] * scale[None, :]))
 
 
 def kmeans_plus_plus(x: torch.Tensor, k: int, generator: torch.Generator | None = None) -> torch.Tensor:
