@@ -5,8 +5,8 @@ import torch
 from torch.autograd.functional import jacobian
 from torch.distributions import biject_to, constraints
 
-from pyro_lwflow import AutoLWFlow
-from pyro_lwflow.coordinates import BoxCoordinates, box_coordinates
+from pyro_lwflow import AutoLWFlow, LikelihoodWeightedKL
+from pyro_lwflow.coordinates import BoxCoordinates, Standardize, box_coordinates
 
 LOW, HIGH = torch.tensor([-12.0, 0.0, 0.0]), torch.tensor([12.0, 1.0, 1.0])
 MASK = torch.tensor([True, True, False])
@@ -83,3 +83,40 @@ def test_guide_density_is_the_same_distribution_in_either_coordinates():
         with torch.no_grad():
             density = guide.log_density({"theta": grid}).exp()
         assert abs(float(torch.trapezoid(density, grid)) - 1.0) < 1e-3
+
+
+def test_standardize_maps_the_draws_to_mean_zero_spread_one():
+    t = Standardize(2)
+    s = torch.randn(100, 2)
+    assert torch.equal(t(s), s)  # the identity until fitted
+    y = torch.randn(5000, 2) * torch.tensor([10.0, 0.01]) + torch.tensor([3.0, -7.0])
+    t.fit_(y)
+    z = t.inv(y)
+    assert torch.allclose(z.mean(0), torch.zeros(2), atol=1e-4) and torch.allclose(z.std(0), torch.ones(2), atol=1e-4)
+    assert torch.allclose(t(z), y, atol=1e-4)
+    J = jacobian(lambda v: t(v.unsqueeze(0)).squeeze(0), z[0])
+    assert torch.allclose(t.log_abs_det_jacobian(z[:3], y[:3]), torch.linalg.slogdet(J)[1].expand(3), atol=1e-5)
+
+
+def test_guide_modes_are_found_in_model_units_and_kept_across_a_reset():
+    # three modes along x, a broad unimodal y: after standardising, the modes would sit only
+    # ~1.2 spreads apart; they are found before, and the mixture placed in the flow's coordinates
+    def model():
+        x = pyro.sample("x", dist.Uniform(-12.0, 12.0).expand([2]).to_event(1))
+        mix = dist.MixtureSameFamily(
+            dist.Categorical(torch.ones(3)),
+            dist.Normal(torch.tensor([[-6.0, 0.0], [0.0, 0.0], [6.0, 0.0]]), torch.tensor([0.7, 2.0])).to_event(1),
+        )
+        pyro.factor("lik", mix.log_prob(x))
+
+    guide = AutoLWFlow(model, num_components=3)
+    loss = LikelihoodWeightedKL(num_prior_samples=100_000)
+    loss.prepare(model, guide)
+    standardize = guide._standardize()
+    with torch.no_grad():
+        centres = standardize(guide.component_loc)[:, 0].sort().values  # in model units (interior: θ)
+    assert torch.allclose(centres, torch.tensor([-6.0, 0.0, 6.0]), atol=0.4)
+    assert 4.0 < float(standardize.scale[0]) < 6.0  # the spread of x across its three modes
+    before = standardize.state_dict()
+    guide.reset(loss.draws, guide.find_modes(loss.draws))
+    assert all(torch.equal(v, guide._standardize().state_dict()[k]) for k, v in before.items())
