@@ -1,6 +1,7 @@
 """Beyond the paper: automatic mode discovery and adaptive rounds in 5 to 20 dimensions.
 
-    python benchmarks/high_dim.py [--quick] [--targets gmm_5d gmm_10d ...] [--no-dynesty] [--out benchmarks/results]
+    python benchmarks/high_dim.py [--quick] [--targets gmm_5d gmm_10d ...] [--no-dynesty | --dynesty-targets ...]
+                                  [--out benchmarks/results]
 
 For each target (``models/high_dim.py``: separated Gaussian mixtures in d = 5, 10, 20 and a
 5-D banana; ``models/paper_targets.py``: the paper's five) it runs, at a budget of at most
@@ -108,6 +109,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=inspect.signature(fit).parameters["num_steps"].default,
                         help="gradient steps per round (default: fit's)")
     parser.add_argument("--no-dynesty", action="store_true")
+    parser.add_argument("--dynesty-targets", nargs="*", help="run dynesty on these targets only (default: all)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = parser.parse_args()
@@ -123,7 +125,7 @@ def main() -> None:
             ("adaptive, true K", steps, {"num_components": k}),
         ]
         found = [run_lwflow(model, label, max_evals, n, args.seed, **kw) for label, n, kw in settings]
-        if not args.no_dynesty:
+        if not args.no_dynesty and (args.dynesty_targets is None or name in args.dynesty_targets):
             found.append(run_dynesty(model, max_evals, args.seed))
         for row in filter(None, found):
             row.update(target=name, dim=model.truth.dim, true_modes=k, w1_noise_floor=noise)
