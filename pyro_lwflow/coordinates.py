@@ -31,7 +31,7 @@ class Standardize(TransformModule):
     bijective = True
 
     def __init__(self, dim: int) -> None:
-        super().__init__(cache_size=1)
+        super().__init__(cache_size=0)
         self.register_buffer("loc", torch.zeros(dim))
         self.register_buffer("scale", torch.ones(dim))
 
@@ -76,7 +76,7 @@ class BoxCoordinates(TransformModule):
     def __init__(self, low: torch.Tensor, high: torch.Tensor, mask: torch.Tensor, margin: float = 0.05) -> None:
         if not 0.0 < margin < 0.5:
             raise ValueError(f"margin must be in (0, 0.5), got {margin}")
-        super().__init__(cache_size=1)
+        super().__init__(cache_size=0)
         self.register_buffer("low", torch.where(mask, low, 0.0), persistent=False)
         self.register_buffer("width", torch.where(mask, high - low, 1.0), persistent=False)
         self.register_buffer("mask", mask.bool(), persistent=False)

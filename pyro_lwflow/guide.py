@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable, Sequence
 
 import pyro
@@ -207,11 +206,12 @@ class AutoLWFlow(AutoContinuous):
     @torch.no_grad()
     def reset(self, draws: WeightedDraws, mixture: GaussianMixtureFit | None = None, seed: int = 0) -> None:
         """Start again from the identity flow and a mixture placed on the draws' modes."""
-        fixed = [copy.deepcopy(p) for p in self._fixed_parts()]  # the mixture is in their coordinates
+        # the mixture lives in the fixed maps' coordinates: keep them
+        fixed = [{k: v.clone() for k, v in p.state_dict().items()} for p in self._fixed_parts()]
         del self.transform  # also drops its entries from Pyro's param store
         self.transform = self._new_transform()
-        for old, new in zip(fixed, self._fixed_parts(), strict=True):
-            new.load_state_dict(old.state_dict())
+        for state, new in zip(fixed, self._fixed_parts(), strict=True):
+            new.load_state_dict(state)
         self.initialize(draws, mixture, seed=seed)
 
     @torch.no_grad()
@@ -221,7 +221,11 @@ class AutoLWFlow(AutoContinuous):
             dist.Categorical(logits=self.mixture_logits.detach().clone()),
             dist.Normal(self.component_loc.detach().clone(), self.component_scale.detach().clone()).to_event(1),
         )
-        return dist.TransformedDistribution(base, copy.deepcopy(self.transform))
+        with torch.random.fork_rng(devices=[]):  # a new stack's initial values are overwritten: leave the RNG
+            transform = self._new_transform()
+        # a state copy, not a deepcopy: the couplings cache tensors of the last training graph
+        transform.load_state_dict(self.transform.state_dict())
+        return dist.TransformedDistribution(base, transform.requires_grad_(False))
 
     @torch.no_grad()
     def refit_mixture_weights(self, draws: WeightedDraws, max_iters: int = 200, tol: float = 1e-6) -> None:
