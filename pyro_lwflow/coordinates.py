@@ -9,7 +9,7 @@ from pyro.distributions.torch_transform import TransformModule
 from pyro.poutine import Trace
 from torch.distributions import biject_to, constraints
 
-from .adapter import latent_sites
+from .adapter import LatentSite
 
 __all__ = ["BoxCoordinates", "Standardize", "box_coordinates"]
 
@@ -120,11 +120,12 @@ class BoxCoordinates(TransformModule):
         return torch.where(self.mask, per_coordinate, 0.0).sum(-1)
 
 
-def box_coordinates(prototype: Trace, margin: float = 0.05) -> BoxCoordinates:
-    """The :class:`BoxCoordinates` of a model's packed latent vector: every coordinate of a site
-    whose support is a bounded interval (``Uniform``, ``Beta``, ...) gets its linear interior."""
+def box_coordinates(prototype: Trace, layout: list[LatentSite], margin: float = 0.05) -> BoxCoordinates:
+    """The :class:`BoxCoordinates` of a model's packed latent vector (its sites in ``layout``
+    order): every coordinate of a site whose support is a bounded interval (``Uniform``, ``Beta``,
+    ...) gets its linear interior."""
     lows, highs, masks = [], [], []
-    for site in latent_sites(prototype):
+    for site in layout:
         node = prototype.nodes[site.name]
         support = node["fn"].support
         while isinstance(support, constraints.independent):

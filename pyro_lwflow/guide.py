@@ -135,7 +135,7 @@ class AutoLWFlow(AutoContinuous):
         parts = list(realnvp(self.latent_dim, self.num_transforms, self.hidden_dims, self.log_scale_bound).parts)
         parts.append(Standardize(self.latent_dim))
         if self.box_margin is not None:
-            parts.append(box_coordinates(self.prototype_trace, self.box_margin))
+            parts.append(box_coordinates(self.prototype_trace, self.layout, self.box_margin))
         return FlowStack(parts).to(self.device)
 
     def _fixed_parts(self) -> list:
@@ -149,13 +149,19 @@ class AutoLWFlow(AutoContinuous):
     def _standardize(self) -> Standardize:
         return next(p for p in self._fixed_parts() if isinstance(p, Standardize))
 
+    def _model_units(self, latents: torch.Tensor) -> torch.Tensor:
+        """Packed unconstrained latents ``(..., D)`` → linear in θ inside bounded supports (see
+        ``box_margin``), before standardising."""
+        for part in reversed(self._fixed_parts()):
+            if not isinstance(part, Standardize):
+                latents = part.inv(latents)
+        return latents
+
     def to_flow_coordinates(self, latents: torch.Tensor) -> torch.Tensor:
         """Packed unconstrained latents ``(..., D)`` → the coordinates the couplings output and the
         mixture starts in: standardised (mean 0, spread 1 over the posterior), and linear in θ
         inside bounded supports (see ``box_margin``)."""
-        for part in reversed(self._fixed_parts()):
-            latents = part.inv(latents)
-        return latents
+        return self._standardize().inv(self._model_units(latents))
 
     def _set_mixture(
         self, logits: torch.Tensor, locs: torch.Tensor, scales: torch.Tensor, like: torch.Tensor | None = None
@@ -177,7 +183,7 @@ class AutoLWFlow(AutoContinuous):
         standardize = self._standardize()
         # EM before standardising: a per-coordinate rescaling would shrink the axis the modes are
         # spread along to the spread of the others, and separated modes would be found less often
-        y = standardize(self.to_flow_coordinates(resample_points(draws, num_points, gen).to(self.component_loc))).cpu()
+        y = self._model_units(resample_points(draws, num_points, gen).to(self.component_loc)).cpu()
         if self.num_components == "auto":
             fit, self.component_scores = select_num_components(y, self.max_components, gen)
         else:
@@ -197,7 +203,7 @@ class AutoLWFlow(AutoContinuous):
             raise RuntimeError("call the guide (or LikelihoodWeightedKL) on the model's data first")
         if not self.initialized and mixture is None:  # once: later mixtures live in these coordinates
             points = resample_points(draws, 5_000, torch.Generator().manual_seed(seed)).to(self.component_loc)
-            self._standardize().fit_(self.to_flow_coordinates(points))
+            self._standardize().fit_(self._model_units(points))
         fit = mixture if mixture is not None else self.find_modes(draws, seed=seed)
         scales = torch.diagonal(fit.covariances, dim1=-2, dim2=-1).sqrt().clamp_min(1e-3)
         self._set_mixture(fit.weights.log(), fit.means, scales)

@@ -61,7 +61,7 @@ def test_bounded_sites_are_found_in_the_packed_layout():
 
     guide = AutoLWFlow(model)
     guide()
-    t = box_coordinates(guide.prototype_trace)
+    t = box_coordinates(guide.prototype_trace, guide.layout)
     order = [site.name for site in guide.layout]
     assert order == ["a", "b", "c", "s"]
     assert t.mask.tolist() == [False, True, True, True, True, False]
