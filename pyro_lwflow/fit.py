@@ -25,6 +25,8 @@ from .loss import LikelihoodWeightedKL
 
 __all__ = ["FitResult", "fit"]
 
+MODE_ESS = 2_000  # effective draws the mode count is estimated from (see _place_components)
+
 
 @dataclass
 class FitResult:
@@ -196,7 +198,7 @@ def fit(
         beta = new_beta
         draws = pool.draws(beta)
         loss.set_draws(draws, model_args=(args, model_kwargs))
-        _place_components(guide, draws, seed=(seed or 0) + r)
+        _place_components(guide, pool, beta, seed=(seed or 0) + r, mode_ess=min(MODE_ESS, target_ess))
         _train(loss, model, guide, args, model_kwargs, result, num_steps, lr, lr_decay, clip_norm,
                progress, desc=f"round {r} (β={beta:.3g})")
         guide.refit_mixture_weights(draws)
@@ -224,14 +226,22 @@ def fit(
     return result
 
 
-def _place_components(guide: AutoLWFlow, draws: WeightedDraws, seed: int) -> None:
-    """Start the mixture on the draws' modes; with ``"auto"``, restart when the mode count changes."""
+def _place_components(guide: AutoLWFlow, pool: DrawPool, beta: float, seed: int, mode_ess: float) -> None:
+    """Start the mixture on the modes of the draws at temperature ``beta``.
+
+    With ``"auto"``, the modes are counted each round on the sharpest draws that still have
+    ``mode_ess`` effective draws (tempering flattens modes: at β ≈ 0.3 a Student-t mixture's
+    modes melt into one plateau), and the flow restarts when the count changes.
+    """
+    draws = pool.draws(beta)
+    k = None
+    if guide.num_components == "auto":
+        sharp = choose_beta(pool.draws(1.0), mode_ess, floor=beta)
+        k = guide.count_modes(pool.draws(sharp), seed=seed)
     if not guide.initialized:
-        guide.initialize(draws, seed=seed)
-    elif guide.num_components == "auto":
-        modes = guide.find_modes(draws, seed=seed)
-        if modes.num_components != guide.mixture_logits.shape[0]:
-            guide.reset(draws, modes, seed=seed)
+        guide.initialize(draws, seed=seed, num_components=k)
+    elif k is not None and k != guide.mixture_logits.shape[0]:
+        guide.reset(draws, seed=seed, num_components=k)
 
 
 def _draw_round(pool: DrawPool, adapter: PriorAdapter, guide: AutoLWFlow, num: int, defensive: float) -> int:

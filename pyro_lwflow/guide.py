@@ -172,27 +172,49 @@ class AutoLWFlow(AutoContinuous):
         self.component_scale = PyroParam(scales.to(like), constraint=constraints.positive)
 
     @torch.no_grad()
-    def find_modes(self, draws: WeightedDraws, num_points: int = 5_000, seed: int = 0) -> GaussianMixtureFit:
-        """A Gaussian mixture on the weighted draws, one component per mode.
+    def count_modes(self, draws: WeightedDraws, num_points: int = 5_000, seed: int = 0) -> int:
+        """Estimate the number of posterior modes in the weighted draws.
+
+        EM with k-means++ restarts for ``K = 1 … max_components`` on ``num_points`` draws resampled
+        by weight; ``K`` by BIC, then components with no density dip between them merged. The
+        candidates' BIC is kept in :attr:`component_scores`.
+        """
+        y = self._model_units(resample_points(draws, num_points, torch.Generator().manual_seed(seed))
+                              .to(self.component_loc)).cpu()
+        fit, self.component_scores = select_num_components(y, self.max_components, torch.Generator().manual_seed(seed))
+        return fit.num_components
+
+    @torch.no_grad()
+    def find_modes(
+        self, draws: WeightedDraws, num_points: int = 5_000, seed: int = 0, num_components: int | None = None
+    ) -> GaussianMixtureFit:
+        """A Gaussian mixture on the weighted draws, one component per mode, in the flow's coordinates.
 
         Resamples ``num_points`` draws in proportion to their weights and fits a mixture by EM
-        (k-means++ seeding; ``K`` by BIC and density-dip merging when ``num_components="auto"``,
-        the candidates' scores kept in :attr:`component_scores`).
+        (k-means++ seeding) with ``num_components`` components: by default the guide's own, or
+        :meth:`count_modes`'s estimate when that is ``"auto"``.
         """
+        if num_components is None:
+            auto = self.num_components == "auto"
+            num_components = self.count_modes(draws, num_points, seed) if auto else self.num_components
         gen = torch.Generator().manual_seed(seed)
-        standardize = self._standardize()
         # EM before standardising: a per-coordinate rescaling would shrink the axis the modes are
         # spread along to the spread of the others, and separated modes would be found less often
         y = self._model_units(resample_points(draws, num_points, gen).to(self.component_loc)).cpu()
-        if self.num_components == "auto":
-            fit, self.component_scores = select_num_components(y, self.max_components, gen)
-        else:
-            fit = fit_gaussian_mixture(y, self.num_components, generator=gen)
+        fit = fit_gaussian_mixture(y, num_components, generator=gen)
+        standardize = self._standardize()
         return fit.standardized(standardize.loc.cpu(), standardize.scale.cpu())
 
     @torch.no_grad()
-    def initialize(self, draws: WeightedDraws, mixture: GaussianMixtureFit | None = None, seed: int = 0) -> None:
-        """Place the base components on the modes of the weighted draws (:meth:`find_modes`).
+    def initialize(
+        self,
+        draws: WeightedDraws,
+        mixture: GaussianMixtureFit | None = None,
+        seed: int = 0,
+        num_components: int | None = None,
+    ) -> None:
+        """Place the base components on the modes of the weighted draws (:meth:`find_modes`, with
+        ``num_components`` if given).
 
         Each component's weight, mean and diagonal scale come from the fitted mixture, so each
         starts on its own mode; the coupling layers are left as they are (the identity when new).
@@ -204,13 +226,19 @@ class AutoLWFlow(AutoContinuous):
         if not self.initialized and mixture is None:  # once: later mixtures live in these coordinates
             points = resample_points(draws, 5_000, torch.Generator().manual_seed(seed)).to(self.component_loc)
             self._standardize().fit_(self._model_units(points))
-        fit = mixture if mixture is not None else self.find_modes(draws, seed=seed)
+        fit = mixture if mixture is not None else self.find_modes(draws, seed=seed, num_components=num_components)
         scales = torch.diagonal(fit.covariances, dim1=-2, dim2=-1).sqrt().clamp_min(1e-3)
         self._set_mixture(fit.weights.log(), fit.means, scales)
         self.initialized = True
 
     @torch.no_grad()
-    def reset(self, draws: WeightedDraws, mixture: GaussianMixtureFit | None = None, seed: int = 0) -> None:
+    def reset(
+        self,
+        draws: WeightedDraws,
+        mixture: GaussianMixtureFit | None = None,
+        seed: int = 0,
+        num_components: int | None = None,
+    ) -> None:
         """Start again from the identity flow and a mixture placed on the draws' modes."""
         # the mixture lives in the fixed maps' coordinates: keep them
         fixed = [{k: v.clone() for k, v in p.state_dict().items()} for p in self._fixed_parts()]
@@ -218,7 +246,7 @@ class AutoLWFlow(AutoContinuous):
         self.transform = self._new_transform()
         for state, new in zip(fixed, self._fixed_parts(), strict=True):
             new.load_state_dict(state)
-        self.initialize(draws, mixture, seed=seed)
+        self.initialize(draws, mixture, seed=seed, num_components=num_components)
 
     @torch.no_grad()
     def frozen_posterior(self) -> dist.TransformedDistribution:
