@@ -1,6 +1,7 @@
 """Reproduce the study of arXiv:2512.04954 end to end: its tables, figures and base-topology ablation.
 
-    python benchmarks/paper.py [--quick] [--seeds 3] [--out benchmarks/results]
+    python benchmarks/paper.py [--quick] [--seeds 3] [--out benchmarks/results] [--targets ...]
+                               [--marginal-bins 16|none]
 
 Fits every (target, base components, seed) once with :func:`pyro_lwflow.fit` and, on the very same
 likelihood-weighted prior draws and budget, the paper's own stack (a ``normflows`` RealNVP trained in
@@ -29,7 +30,7 @@ import shlex
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -62,7 +63,8 @@ NUM_TRANSFORMS, HIDDEN = 6, (64, 64)  # AutoLWFlow's defaults; the normflows sta
 
 @dataclass
 class Budget:
-    """What every fit gets (ours and normflows alike), and the metric sample sizes."""
+    """What every fit gets (ours and normflows alike), the metric sample sizes, and our flow's
+    marginal spline (``marginal_bins``; ``None``: the plain RealNVP of the paper)."""
 
     prior_samples: int = 1_000_000
     steps: int = 1500
@@ -71,6 +73,7 @@ class Budget:
     lr_decay: float = 0.1
     metric_samples: int = 20_000
     floor_repeats: int = 5
+    marginal_bins: int | None = inspect.signature(AutoLWFlow).parameters["marginal_bins"].default
 
 
 QUICK = Budget(prior_samples=50_000, steps=40, batch=256, lr=1e-2, metric_samples=4000, floor_repeats=2)
@@ -112,7 +115,8 @@ def run_ours(model, k: int, budget: Budget, seed: int):
     """Fit AutoLWFlow with ``k`` components, one shot (the paper's method: prior draws only, no
     adaptive rounds); returns (timing record, guide, the weighted draws it trained on)."""
     pyro.clear_param_store()
-    guide = AutoLWFlow(model, num_components=k, num_transforms=NUM_TRANSFORMS, hidden_dims=HIDDEN)
+    guide = AutoLWFlow(model, num_components=k, num_transforms=NUM_TRANSFORMS, hidden_dims=HIDDEN,
+                       marginal_bins=budget.marginal_bins)
     one_shot = {"num_rounds": 1} if "num_rounds" in inspect.signature(fit).parameters else {}
     result = fit(model, guide=guide, num_prior_samples=budget.prior_samples, batch_size=budget.batch,
                  num_steps=budget.steps, lr=budget.lr, lr_decay=budget.lr_decay, seed=seed, progress=False,
@@ -365,7 +369,9 @@ def markdown(agg: dict, floors: dict, checks: list[dict], meta: dict) -> str:
         f"Budget per fit (ours and normflows alike): {meta['budget']['prior_samples']:,} prior draws, "
         f"{meta['budget']['steps']} Adam steps of batch {meta['budget']['batch']}, lr {meta['budget']['lr']} "
         f"decaying ×{meta['budget']['lr_decay']} over the run, gradient-norm clip 10; flows of "
-        f"{NUM_TRANSFORMS} affine couplings with {HIDDEN} hidden units. Metrics on "
+        f"{NUM_TRANSFORMS} affine couplings with {HIDDEN} hidden units"
+        + (f" (ours then an elementwise spline of {bins} bins)" if (bins := meta["budget"].get("marginal_bins")) else
+           " (ours without the marginal spline: the paper's plain RealNVP)") + ". Metrics on "
         f"{meta['budget']['metric_samples']:,} exact and {meta['budget']['metric_samples']:,} model draws; "
         f"{meta['seeds']} seeds, shown as mean ± standard deviation over seeds (per-seed values in "
         "`paper.json`).",
@@ -537,8 +543,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--report-only", action="store_true",
                         help="rebuild paper.md and the composed figures from an existing paper.json, without fitting")
     parser.add_argument("--targets", nargs="+", default=list(TARGETS), choices=TARGETS)
+    parser.add_argument("--marginal-bins", type=lambda v: None if v == "none" else int(v), default=Budget.marginal_bins,
+                        help="bins of our flow's marginal spline; 'none' for the paper's plain RealNVP")
     args = parser.parse_args(argv)
-    budget = QUICK if args.quick else Budget()
+    budget = replace(QUICK if args.quick else Budget(), marginal_bins=args.marginal_bins)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.report_only:

@@ -17,7 +17,7 @@ from torch.distributions import biject_to, constraints
 from .adapter import latent_sites
 from .coordinates import BoxCoordinates, Standardize, box_coordinates
 from .draws import WeightedDraws
-from .flows import FlowStack, realnvp
+from .flows import FlowStack, marginal_spline, realnvp
 from .modes import GaussianMixtureFit, fit_gaussian_mixture, resample_points, select_num_components
 
 __all__ = ["AutoLWFlow"]
@@ -45,7 +45,8 @@ class AutoLWFlow(AutoContinuous):
 
     The posterior over the packed unconstrained latent vector ``z ∈ R^D`` is
     ``TransformedDistribution(MixtureSameFamily(...), RealNVP)``: a trainable mixture of
-    ``num_components`` diagonal Gaussians pushed through affine coupling layers. Each mixture
+    ``num_components`` diagonal Gaussians pushed through affine coupling layers and an elementwise
+    spline (``marginal_bins``). Each mixture
     component can sit on its own posterior mode, so the flow needs no probability "bridges"
     between separated modes (arXiv:2512.04954, section 3).
 
@@ -60,6 +61,10 @@ class AutoLWFlow(AutoContinuous):
     :param num_transforms: number of affine coupling layers.
     :param hidden_dims: hidden widths of each coupling's network.
     :param log_scale_bound: largest absolute log-scale a coupling may apply.
+    :param marginal_bins: bins of an elementwise spline after the couplings
+        (:func:`~pyro_lwflow.flows.marginal_spline`, on ±4 standardised units), which shapes each
+        coordinate's marginal (skew, cusps, heavy shoulders) where affine couplings cannot;
+        ``None`` leaves the paper's plain RealNVP.
     :param max_components: the largest ``K`` tried when ``num_components="auto"``.
     :param box_margin: for sites with a bounded support (``Uniform``, ``Beta``, ...) the flow works
         in θ itself on the interior of the interval, with logit-like tails on this share of its
@@ -76,6 +81,7 @@ class AutoLWFlow(AutoContinuous):
         num_transforms: int = 6,
         hidden_dims: Sequence[int] = (64, 64),
         log_scale_bound: float = 3.0,
+        marginal_bins: int | None = 16,
         max_components: int = 8,
         box_margin: float | None = 0.05,
         init_loc_fn: Callable = init_to_median,
@@ -87,10 +93,13 @@ class AutoLWFlow(AutoContinuous):
             )
         if num_transforms < 0:
             raise ValueError(f"num_transforms must be >= 0, got {num_transforms}")
+        if marginal_bins is not None and not (isinstance(marginal_bins, int) and marginal_bins >= 2):
+            raise ValueError(f"marginal_bins must be an integer >= 2 or None, got {marginal_bins!r}")
         self.num_components = num_components
         self.num_transforms = num_transforms
         self.hidden_dims = tuple(hidden_dims)
         self.log_scale_bound = log_scale_bound
+        self.marginal_bins = marginal_bins
         self.max_components = max_components
         self.box_margin = box_margin
         self.device = None if device is None else torch.device(device)
@@ -129,10 +138,12 @@ class AutoLWFlow(AutoContinuous):
         self._set_mixture(torch.zeros(k), loc + spread, torch.ones(k, self.latent_dim), like=loc)
 
     def _new_transform(self) -> FlowStack:
-        """Couplings (starting at the identity), then the fixed maps to Pyro's unconstrained
-        coordinates: :class:`~pyro_lwflow.coordinates.Standardize` and, unless ``box_margin`` is
-        ``None``, :class:`~pyro_lwflow.coordinates.BoxCoordinates`."""
+        """Couplings and the marginal spline (starting at the identity), then the fixed maps to
+        Pyro's unconstrained coordinates: :class:`~pyro_lwflow.coordinates.Standardize` and, unless
+        ``box_margin`` is ``None``, :class:`~pyro_lwflow.coordinates.BoxCoordinates`."""
         parts = list(realnvp(self.latent_dim, self.num_transforms, self.hidden_dims, self.log_scale_bound).parts)
+        if self.marginal_bins is not None:
+            parts.append(marginal_spline(self.latent_dim, self.marginal_bins))
         parts.append(Standardize(self.latent_dim))
         if self.box_margin is not None:
             parts.append(box_coordinates(self.prototype_trace, self.layout, self.box_margin))

@@ -54,6 +54,7 @@ def save(result_or_guide, path: str | os.PathLike) -> Path:
         "num_transforms": guide.num_transforms,
         "hidden_dims": list(guide.hidden_dims),
         "log_scale_bound": float(guide.log_scale_bound),
+        "marginal_bins": guide.marginal_bins,
         "max_components": guide.max_components,
         "box_margin": guide.box_margin,
         "latent_dim": guide.latent_dim,
@@ -112,6 +113,7 @@ def load(path: str | os.PathLike, model: Callable, *model_args, **model_kwargs) 
         num_transforms=config["num_transforms"],
         hidden_dims=config["hidden_dims"],
         log_scale_bound=config["log_scale_bound"],
+        marginal_bins=config.get("marginal_bins"),
         max_components=config.get("max_components", 8),
         box_margin=config.get("box_margin"),
     )

@@ -8,7 +8,7 @@ import torch
 from pyro_lwflow import AutoLWFlow, fit, metrics
 from pyro_lwflow.model_files import load_model
 
-from .toy_models import conjugate_normal, conjugate_posterior, example_y
+from .toy_models import conjugate_normal, conjugate_posterior, example_y, skewed_model, skewed_posterior_sample
 
 pytestmark = pytest.mark.slow
 
@@ -26,6 +26,29 @@ def test_conjugate_normal_mean_and_variance():
     exact = torch.distributions.MultivariateNormal(torch.zeros(2 * len(y)), cov).log_prob(y.reshape(-1))
     assert math.isclose(result.log_evidence, float(exact), abs_tol=5 * result.log_evidence_stderr + 0.01)
     assert result.num_likelihood_evals == 200_000 and result.wall_time > 0 and len(result.losses) == 500
+
+
+def _skewed_fit(marginal_bins, seed):
+    guide = AutoLWFlow(skewed_model, num_components=1, num_transforms=2, hidden_dims=(16,), marginal_bins=marginal_bins)
+    fit(skewed_model, guide=guide, num_rounds=1, num_steps=600, num_prior_samples=100_000, batch_size=512, lr=5e-3,
+        progress=False, seed=seed)
+    exact = skewed_posterior_sample(20_000)
+    gumbel, laplace = torch.distributions.Gumbel(-2.0, 1.5), torch.distributions.Laplace(2.0, 1.0)
+    log_p = gumbel.log_prob(exact[:, 0]) + laplace.log_prob(exact[:, 1])
+    with torch.no_grad():
+        kl = metrics.kl_divergence(log_p, guide.log_density({"theta": exact}))
+        return kl, metrics.w1_avg(exact, guide.sample_posterior(20_000)["theta"])
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_marginal_spline_shapes_skewed_and_cusped_marginals(seed):
+    """A Gumbel × Laplace posterior: affine couplings alone cannot bend a coordinate's own
+    marginal. Measured (seeds 0–2, 600 steps): with the spline KL 0.007–0.009 and w1 0.031–0.042
+    (noise floor 0.017); without it KL 0.028–0.032 and w1 0.081–0.099."""
+    kl, w1 = _skewed_fit(16, seed)
+    kl_plain, w1_plain = _skewed_fit(None, seed)
+    assert kl < 0.015 and w1 < 0.06
+    assert kl_plain > 2 * kl and w1_plain > 1.5 * w1
 
 
 def _two_mode_fit(k):

@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch.autograd.functional import jacobian
 
-from pyro_lwflow.flows import realnvp
+from pyro_lwflow.flows import marginal_spline, realnvp
 
 
 def _randomise(transform):
@@ -78,3 +78,20 @@ def test_one_dimensional_latent_has_an_empty_stack_with_per_draw_log_det():
     x = torch.randn(7, 1)
     assert len(t.parts) == 0 and torch.equal(t(x), x)
     assert t.log_abs_det_jacobian(x, x).shape == (7,)
+
+
+@pytest.mark.parametrize("dim", [1, 3])
+def test_marginal_spline_starts_at_identity_and_inverts(dim):
+    spline = marginal_spline(dim, count_bins=8, bound=4.0)
+    x = torch.randn(200, dim, dtype=torch.float64) * 3  # inside and outside the spline's ±4
+    spline = spline.double()
+    assert torch.allclose(spline(x), x, atol=1e-3)  # Pyro pins the end slopes at 1 − 1e-3
+    _randomise(spline)
+    x = x.clone()  # a new tensor: the transform caches its last call
+    y = spline(x)
+    assert not torch.allclose(y, x, atol=1e-2)
+    assert torch.allclose(spline.inv(y.detach().clone()), x, atol=1e-6)
+    # elementwise: the log-determinant is the log of each coordinate's own slope
+    x = x.clone().requires_grad_(True)
+    (slope,) = torch.autograd.grad(spline(x).sum(), x)
+    assert torch.allclose(spline.log_abs_det_jacobian(x, y), slope.abs().log(), atol=1e-6)

@@ -49,3 +49,21 @@ def numpy_factor_model(target):
     theta = pyro.sample("theta", dist.Normal(0.0, 2.0).expand([2]).to_event(1))
     value = -0.5 * float(np.sum((theta.detach().numpy() - np.asarray(target)) ** 2))
     pyro.factor("loglik", torch.tensor(value))
+
+
+def skewed_model():
+    """Uniform(-10, 10)² box prior; a Gumbel(-2, 1.5) likelihood on θ₁ and a Laplace(2, 1) one on
+    θ₂ (as pyro.factor), so the posterior is that product, truncated (mass < 1e-4) to the box."""
+    theta = pyro.sample("theta", dist.Uniform(-10.0, 10.0).expand([2]).to_event(1))
+    pyro.factor("gumbel", dist.Gumbel(-2.0, 1.5).log_prob(theta[..., 0]))
+    pyro.factor("laplace", dist.Laplace(2.0, 1.0).log_prob(theta[..., 1]))
+
+
+def skewed_posterior_sample(n, seed=1):
+    """``(n, 2)`` exact draws of :func:`skewed_model`'s posterior (by inversion, truncated by rejection)."""
+    gen = torch.Generator().manual_seed(seed)
+    u = torch.rand(2 * n, 2, generator=gen)
+    gumbel = -2.0 - 1.5 * torch.log(-torch.log(u[:, 0]))
+    laplace = 2.0 - torch.sign(u[:, 1] - 0.5) * torch.log1p(-2 * (u[:, 1] - 0.5).abs())
+    theta = torch.stack([gumbel, laplace], -1)
+    return theta[(theta.abs() < 10.0).all(-1)][:n]
