@@ -1,7 +1,7 @@
 """Beyond the paper: automatic mode discovery and adaptive rounds in 5 to 20 dimensions.
 
     python benchmarks/high_dim.py [--quick] [--targets gmm_5d gmm_10d ...] [--no-dynesty | --dynesty-targets ...]
-                                  [--out benchmarks/results]
+                                  [--seed 0] [--seeds 1] [--out benchmarks/results]
 
 For each target (``models/high_dim.py``: separated Gaussian mixtures in d = 5, 10, 20 and a
 5-D banana; ``models/paper_targets.py``: the paper's five) it runs, at a budget of at most
@@ -15,7 +15,8 @@ For each target (``models/high_dim.py``: separated Gaussian mixtures in d = 5, 1
 
 and reports the chosen K, mode_weight_error, w1_avg (with the 20,000-sample noise floor),
 bridge_mass, |log Ẑ − log Z|, likelihood evaluations and wall time. Writes
-``high_dim.md`` and ``high_dim.json``.
+``high_dim.md`` and ``high_dim.json`` (with ``--seeds`` > 1, also the mean over seeds per target and
+method).
 """
 
 from __future__ import annotations
@@ -111,6 +112,7 @@ def main() -> None:
     parser.add_argument("--no-dynesty", action="store_true")
     parser.add_argument("--dynesty-targets", nargs="*", help="run dynesty on these targets only (default: all)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", type=int, default=1, help="run seeds --seed … --seed + seeds − 1 and summarise them")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = parser.parse_args()
     max_evals, steps = (50_000, 100) if args.quick else (args.max_evals, args.steps)
@@ -124,13 +126,15 @@ def main() -> None:
             ("adaptive, auto K", steps, {}),
             ("adaptive, true K", steps, {"num_components": k}),
         ]
-        found = [run_lwflow(model, label, max_evals, n, args.seed, **kw) for label, n, kw in settings]
-        if not args.no_dynesty and (args.dynesty_targets is None or name in args.dynesty_targets):
-            found.append(run_dynesty(model, max_evals, args.seed))
-        for row in filter(None, found):
-            row.update(target=name, dim=model.truth.dim, true_modes=k, w1_noise_floor=noise)
-            rows.append(row)
-            print(json.dumps({k2: (round(v, 4) if isinstance(v, float) else v) for k2, v in row.items()}), flush=True)
+        for seed in range(args.seed, args.seed + args.seeds):
+            found = [run_lwflow(model, label, max_evals, n, seed, **kw) for label, n, kw in settings]
+            if not args.no_dynesty and (args.dynesty_targets is None or name in args.dynesty_targets):
+                found.append(run_dynesty(model, max_evals, seed))
+            for row in filter(None, found):
+                row.update(target=name, dim=model.truth.dim, true_modes=k, w1_noise_floor=noise, seed=seed)
+                rows.append(row)
+                print(json.dumps({k2: (round(v, 4) if isinstance(v, float) else v) for k2, v in row.items()}),
+                      flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     meta = {
@@ -139,6 +143,7 @@ def main() -> None:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "pyro": pyro.__version__,
+        "seeds": list(range(args.seed, args.seed + args.seeds)),
     }
     (out / ("high_dim_quick.json" if args.quick else "high_dim.json")).write_text(
         json.dumps({"meta": meta, "rows": rows}, indent=1)
@@ -148,7 +153,7 @@ def main() -> None:
 
 
 def _markdown(rows: list[dict], meta: dict) -> str:
-    head = ("| target | d | modes | method | K found | mode wt err | w1_avg | w1 floor | w1/floor | bridge | "
+    head = ("| target | d | modes | method | seed | K found | mode wt err | w1_avg | w1 floor | w1/floor | bridge | "
             "abs logZ err | logZ stderr | k̂ | evals | seconds |")
     lines = [
         "# Beyond the paper: auto K, adaptive rounds, evidence (vs. dynesty)",
@@ -165,13 +170,41 @@ def _markdown(rows: list[dict], meta: dict) -> str:
             return "–" if v is None else fmt.format(v)
 
         lines.append(
-            f"| {r['target']} | {r['dim']} | {r['true_modes']} | {r['method']} | {f('num_components', '{}')} | "
+            f"| {r['target']} | {r['dim']} | {r['true_modes']} | {r['method']} | {r.get('seed', 0)} | "
+            f"{f('num_components', '{}')} | "
             f"{f('mode_weight_error')} | {f('w1_avg')} | {f('w1_noise_floor')} | "
             f"{r['w1_avg'] / r['w1_noise_floor']:.2f} | {f('bridge_mass')} | {f('log_evidence_error')} | "
             f"{f('log_evidence_stderr')} | {f('pareto_k', '{:.2f}')} | {r['likelihood_evals']:,} | "
             f"{r['seconds']:.1f} |"
         )
+    if len(meta.get("seeds", [0])) > 1:
+        lines += ["", *_summary(rows)]
     return "\n".join(lines) + "\n"
+
+
+def _summary(rows: list[dict]) -> list[str]:
+    """Per target and method: the mean over seeds, and how often K was the true mode count."""
+    lines = [
+        "## Mean over seeds",
+        "",
+        "| target | method | K = true | mode wt err | w1/floor | abs logZ err | evals | seconds |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["target"], r["method"]), []).append(r)
+    for (target, method), rs in groups.items():
+        def mean(key, rs=rs):
+            return float(np.mean([r[key] for r in rs]))
+
+        hits = "–" if rs[0].get("num_components") is None else (
+            f"{sum(r['num_components'] == r['true_modes'] for r in rs)} / {len(rs)}")
+        lines.append(
+            f"| {target} | {method} | {hits} | {mean('mode_weight_error'):.4f} | "
+            f"{np.mean([r['w1_avg'] / r['w1_noise_floor'] for r in rs]):.2f} | {mean('log_evidence_error'):.4f} | "
+            f"{mean('likelihood_evals'):,.0f} | {mean('seconds'):.1f} |"
+        )
+    return lines
 
 
 if __name__ == "__main__":
