@@ -26,6 +26,7 @@ from .loss import LikelihoodWeightedKL
 __all__ = ["FitResult", "fit"]
 
 MODE_ESS = 2_000  # effective draws the mode count is estimated from (see _place_components)
+EMA_DECAY = 0.99  # of the parameter average training leaves behind (see _train)
 
 
 @dataclass
@@ -141,7 +142,9 @@ def fit(
     :param guide: an :class:`AutoLWFlow` to train (its own ``num_components`` is used); by
         default a fresh one with ``num_components`` (``"auto"``: chosen from the draws and
         re-chosen each round).
-    :param num_steps: gradient steps per round (each round after the first starts from the last flow).
+    :param num_steps: gradient steps per round (each round after the first starts from the last flow);
+        the round ends with the moving average of the iterates (decay 0.99), which cancels most
+        of the last steps' minibatch noise.
     :param lr: Adam learning rate; each round it decays geometrically to ``lr · lr_decay``.
     :param clip_norm: clip on the global gradient norm.
     :param seed: seeds Pyro, torch and NumPy (``pyro.set_rng_seed``); ``None`` leaves them.
@@ -280,10 +283,16 @@ def _sizes(pool: DrawPool, guide: AutoLWFlow) -> dict[str, int]:
 
 
 def _train(loss, model, guide, args, kwargs, result, num_steps, lr, lr_decay, clip_norm, progress, desc) -> None:
-    """``num_steps`` of Adam on the loss, skipping any step whose loss or gradient is not finite."""
+    """``num_steps`` of Adam on the loss, skipping any step whose loss or gradient is not finite.
+
+    The parameters left behind are an exponential moving average of the iterates (Polyak–Ruppert
+    averaging, horizon ~``1 / (1 − EMA_DECAY)`` steps): it cancels most of the minibatch noise the
+    last steps leave in the flow.
+    """
     params = _guide_params(loss, model, guide, args, kwargs)
     optim = torch.optim.Adam(params, lr=lr)
     schedule = torch.optim.lr_scheduler.ExponentialLR(optim, lr_decay ** (1.0 / max(num_steps, 1)))
+    average = [p.detach().clone() for p in params]
     ess = f"{loss.draws.ess:.0f}"
     with tqdm(range(num_steps), disable=not progress, desc=desc, unit="step") as bar:
         for step in bar:
@@ -295,9 +304,15 @@ def _train(loss, model, guide, args, kwargs, result, num_steps, lr, lr_decay, cl
                 continue
             optim.step()
             schedule.step()
+            with torch.no_grad():
+                decay = min(EMA_DECAY, (1 + step) / (10 + step))  # a short memory at first
+                torch._foreach_lerp_(average, [p.detach() for p in params], 1.0 - decay)
             result.losses.append(value)
             if step % 50 == 0:
                 bar.set_postfix(loss=f"{value:.3f}", ess=ess)
+    with torch.no_grad():
+        for p, a in zip(params, average, strict=True):
+            p.copy_(a)
 
 
 def _guide_params(loss, model, guide, args, kwargs) -> list[torch.Tensor]:

@@ -34,3 +34,20 @@ def test_paper_benchmark_quick(tmp_path):
     for name in report["meta"]["figures"]:
         assert (tmp_path / name).stat().st_size > 0
     assert "fig_truth_2d.png" in report["meta"]["figures"]
+
+
+@pytest.mark.slow
+def test_high_dim_benchmark_quick_over_seeds(tmp_path):
+    cmd = [sys.executable, "benchmarks/high_dim.py", "--quick", "--targets", "two_mode_2d", "--seeds", "2",
+           "--no-dynesty", "--out", str(tmp_path)]
+    subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, timeout=240)
+
+    report = json.loads((tmp_path / "high_dim_quick.json").read_text())
+    rows = report["rows"]
+    assert {(r["method"], r["seed"]) for r in rows} == {
+        (m, s) for m in ("one-shot (paper)", "adaptive, auto K", "adaptive, true K") for s in (0, 1)
+    }
+    for r in rows:
+        assert r["target"] == "two_mode_2d" and r["likelihood_evals"] <= 50_000 and r["w1_avg"] > 0
+    table = (tmp_path / "high_dim_quick.md").read_text()
+    assert "## Mean over seeds" in table and "| two_mode_2d | adaptive, auto K |" in table
