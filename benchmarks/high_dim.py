@@ -187,7 +187,7 @@ def _summary(rows: list[dict]) -> list[str]:
     lines = [
         "## Mean over seeds",
         "",
-        "| target | method | K = true | mode wt err | w1/floor | abs logZ err | evals | seconds |",
+        "| target | method | seeds with K = true | mode wt err | w1/floor | abs logZ err | evals | seconds |",
         "|---|---|---|---|---|---|---|---|",
     ]
     groups: dict[tuple[str, str], list[dict]] = {}

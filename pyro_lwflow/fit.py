@@ -25,7 +25,8 @@ from .loss import LikelihoodWeightedKL
 
 __all__ = ["FitResult", "fit"]
 
-MODE_ESS = 2_000  # effective draws the mode count is estimated from (see _place_components)
+MODE_ESS = 2_000  # effective draws the mode count is estimated from, at least (see _place_components)
+MODE_ESS_PER_PARAMETER = 50  # ... and at least this many per parameter of one full-covariance component
 EMA_DECAY = 0.99  # of the parameter average training leaves behind (see _train)
 
 
@@ -201,7 +202,8 @@ def fit(
         beta = new_beta
         draws = pool.draws(beta)
         loss.set_draws(draws, model_args=(args, model_kwargs))
-        _place_components(guide, pool, beta, seed=(seed or 0) + r, mode_ess=min(MODE_ESS, target_ess))
+        mode_ess = min(_mode_ess(guide.latent_dim), target_ess)
+        _place_components(guide, pool, beta, seed=(seed or 0) + r, mode_ess=mode_ess)
         _train(loss, model, guide, args, model_kwargs, result, num_steps, lr, lr_decay, clip_norm,
                progress, desc=f"round {r} (β={beta:.3g})")
         guide.refit_mixture_weights(draws)
@@ -227,6 +229,12 @@ def fit(
             stacklevel=2,
         )
     return result
+
+
+def _mode_ess(dim: int) -> float:
+    """Effective draws to count modes on in ``dim`` dimensions: enough that EM's full-covariance
+    components (``dim (dim + 3) / 2`` parameters each) do not split one mode into several."""
+    return max(MODE_ESS, MODE_ESS_PER_PARAMETER * dim * (dim + 3) / 2)
 
 
 def _place_components(guide: AutoLWFlow, pool: DrawPool, beta: float, seed: int, mode_ess: float) -> None:

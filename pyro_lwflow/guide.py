@@ -134,7 +134,8 @@ class AutoLWFlow(AutoContinuous):
         self.transform = self._new_transform()
         k = 1 if self.num_components == "auto" else self.num_components
         loc = self.to_flow_coordinates(self._init_loc().detach().to(self.device))
-        spread = torch.randn(k, self.latent_dim, dtype=loc.dtype, device=loc.device) if k > 1 else 0.0
+        with torch.random.fork_rng(devices=[]):  # a placeholder until initialize(): leave the RNG stream alone
+            spread = torch.randn(k, self.latent_dim, dtype=loc.dtype, device=loc.device) if k > 1 else 0.0
         self._set_mixture(torch.zeros(k), loc + spread, torch.ones(k, self.latent_dim), like=loc)
 
     def _new_transform(self) -> FlowStack:

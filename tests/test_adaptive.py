@@ -89,3 +89,23 @@ def test_one_round_is_the_paper_method():
     assert result.num_likelihood_evals == 5000 and len(result.rounds) == 1
     assert result.rounds[0]["beta"] == 1.0 and result.num_components == 2
     assert torch.equal(result.draws.log_proposal, result.draws.log_prior)
+
+
+def test_modes_are_counted_on_sharper_draws_than_the_training_temperature():
+    # three Student-t modes in a wide box: at β ≈ 0.25 their heavy tails melt into one plateau,
+    # so counting on the training draws would start (and later restart) the flow with one component
+    from pyro_lwflow import AutoLWFlow, LikelihoodWeightedKL
+    from pyro_lwflow.fit import _mode_ess, _place_components
+    from pyro_lwflow.model_files import BUNDLED_MODELS, load_model
+
+    pyro.set_rng_seed(0)
+    model = load_model(BUNDLED_MODELS / "paper_targets.py:non_gaussian_3d")
+    guide = AutoLWFlow(model)
+    guide._setup_prototype()
+    prior = LikelihoodWeightedKL(progress=False).make_adapter(model, guide.prototype_trace, (), {}).sample(100_000)
+    pool = DrawPool(prior)
+    beta = choose_beta(pool.draws(1.0), 25_000)
+    assert beta < 0.5
+    assert guide.count_modes(pool.draws(beta)) == 1
+    _place_components(guide, pool, beta, seed=0, mode_ess=_mode_ess(3))
+    assert guide.mixture_logits.shape[0] == 3
