@@ -143,6 +143,8 @@ def fit(
     :param guide: an :class:`AutoLWFlow` to train (its own ``num_components`` is used); by
         default a fresh one with ``num_components`` (``"auto"``: chosen from the draws and
         re-chosen each round).
+    :param max_likelihood_evals: with ``num_rounds="auto"``, the most likelihood evaluations to
+        spend, round 0's ``num_prior_samples`` included (capped to it).
     :param num_steps: gradient steps per round (each round after the first starts from the last flow);
         the round ends with the moving average of the iterates (decay 0.99), which cancels most
         of the last steps' minibatch noise.
@@ -174,6 +176,8 @@ def fit(
     if guide.prototype_trace is None:
         pyro.clear_param_store()  # a fresh guide must not pick up stale values by name
         guide._setup_prototype(*args, **model_kwargs)
+    if num_rounds == "auto":  # the budget covers round 0's prior draws too
+        num_prior_samples = min(num_prior_samples, max_likelihood_evals)
     loss = loss or LikelihoodWeightedKL(num_prior_samples, batch_size, progress=progress, executor=executor,
                                         cache_dir=cache_dir)
     one_shot = num_rounds == 1
