@@ -169,6 +169,10 @@ class AutoLWFlow(AutoContinuous):
                 latents = part.inv(latents)
         return latents
 
+    def _resampled_model_units(self, draws: WeightedDraws, num_points: int, gen: torch.Generator) -> torch.Tensor:
+        """``(M, D)`` draws resampled by weight (:func:`resample_points`), in model units, on the CPU."""
+        return self._model_units(resample_points(draws, num_points, gen).to(self.component_loc)).cpu()
+
     def to_flow_coordinates(self, latents: torch.Tensor) -> torch.Tensor:
         """Packed unconstrained latents ``(..., D)`` → the coordinates the couplings output and the
         mixture starts in: standardised (mean 0, spread 1 over the posterior), and linear in θ
@@ -191,8 +195,7 @@ class AutoLWFlow(AutoContinuous):
         by weight; ``K`` by BIC, then components with no density dip between them merged. The
         candidates' BIC is kept in :attr:`component_scores`.
         """
-        y = self._model_units(resample_points(draws, num_points, torch.Generator().manual_seed(seed))
-                              .to(self.component_loc)).cpu()
+        y = self._resampled_model_units(draws, num_points, torch.Generator().manual_seed(seed))
         fit, self.component_scores = select_num_components(y, self.max_components, torch.Generator().manual_seed(seed))
         return fit.num_components
 
@@ -212,7 +215,7 @@ class AutoLWFlow(AutoContinuous):
         gen = torch.Generator().manual_seed(seed)
         # EM before standardising: a per-coordinate rescaling would shrink the axis the modes are
         # spread along to the spread of the others, and separated modes would be found less often
-        y = self._model_units(resample_points(draws, num_points, gen).to(self.component_loc)).cpu()
+        y = self._resampled_model_units(draws, num_points, gen)
         fit = fit_gaussian_mixture(y, num_components, generator=gen)
         standardize = self._standardize()
         return fit.standardized(standardize.loc.cpu(), standardize.scale.cpu())
