@@ -12,11 +12,10 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from pyro_lwflow import fit  # noqa: E402
+from pyro_lwflow import examples, fit  # noqa: E402
 from pyro_lwflow.arviz import to_arviz  # noqa: E402
-from pyro_lwflow.model_files import load_model  # noqa: E402
 
-model = load_model(Path(__file__).parent.parent / "models" / "paper_targets.py:two_mode_2d")
+model = examples.load("paper_targets:two_mode_2d")
 one_round = {"num_rounds": 1} if "num_rounds" in inspect.signature(fit).parameters else {}
 result = fit(model, num_components=2, num_steps=300, num_prior_samples=50_000, progress=False, **one_round)
 idata = to_arviz(result, num_samples=4000)

@@ -1,9 +1,11 @@
 """pyro_lwflow: likelihood-weighted normalizing flows for Pyro models (arXiv:2512.04954)."""
 
+from .arviz import to_arviz
 from .draws import WeightedDraws
 from .fit import FitResult, fit
 from .guide import AutoLWFlow
+from .io import load, save
 from .loss import LikelihoodWeightedKL
 
-__all__ = ["AutoLWFlow", "FitResult", "LikelihoodWeightedKL", "WeightedDraws", "fit"]
+__all__ = ["AutoLWFlow", "FitResult", "LikelihoodWeightedKL", "WeightedDraws", "fit", "load", "save", "to_arviz"]
 __version__ = "0.1.0"

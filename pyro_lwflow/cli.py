@@ -1,9 +1,14 @@
 """The ``lwflow`` command line: fit a model file, list the bundled models, run the benchmarks.
 
-    lwflow fit models/paper_targets.py:two_mode_2d --components 2 --steps 2000 --out out/
-    lwflow fit models/normal_scale.py --data y.npz --out out/
     lwflow models
+    lwflow fit paper_targets.py:two_mode_2d --components 2 --out out/
+    lwflow fit normal_scale.py --data y.npz --out out/
+    lwflow fit path/to/my_model.py:model --data y.npy --out out/
     lwflow bench paper --quick
+
+A bare file name (``paper_targets.py`` or ``paper_targets``) that is not a file in the current
+folder is one of the example models of :mod:`pyro_lwflow.examples`. The training options default
+to :func:`pyro_lwflow.fit`'s own defaults (read from its signature, so the two always agree).
 
 ``--data`` files become the model's arguments:
 
@@ -36,6 +41,8 @@ from pathlib import Path
 __all__ = ["main", "read_data"]
 
 BENCHMARKS = {"paper": "paper.py", "high-dim": "high_dim.py"}
+SOURCE_ROOT = Path(__file__).resolve().parent.parent
+"""The source checkout's root when running from one (its ``benchmarks/`` are not in the wheel)."""
 DATA_HELP = """--data files become the model's arguments:
   .npy  one array: the first positional argument
   .npz  arrays named arg0, arg1, ... (or arr_0, arr_1, ... as np.savez(path, y) writes them) are
@@ -46,8 +53,9 @@ Floating arrays become float32 tensors. Without --data the model's .example_data
 has one, else the model is called with no arguments.
 
 examples:
-  lwflow fit models/paper_targets.py:two_mode_2d --components 2 --steps 2000 --out out/
-  lwflow fit models/normal_scale.py --data y.npy --components auto --out out/"""
+  lwflow fit paper_targets.py:two_mode_2d --components 2 --out out/
+  lwflow fit normal_scale.py --data y.npy --out out/
+  lwflow fit path/to/my_model.py:model --data y.npz --steps 1000 --out out/"""
 
 
 class UsageError(Exception):
@@ -88,30 +96,50 @@ def _parser() -> argparse.ArgumentParser:
         epilog=DATA_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    defaults = _fit_defaults()
     fit.add_argument("model", help="PATH/TO/model.py[:function] (default function: model); a bare "
-                     "file name is also looked up in the bundled models/ folder")
+                     "file name not found in the current folder is looked up in the bundled examples "
+                     "(lwflow models lists them)")
     fit.add_argument("--data", help="a .npz, .npy, .pt or .csv file with the model's arguments (see below)")
-    fit.add_argument("--components", default="1", help="mixture components of the base: 'auto' or K >= 1 "
-                     "(default 1)")
-    fit.add_argument("--rounds", help="adaptive rounds: 'auto' or N >= 1; 1 is the paper's one-shot method "
-                     "(default: fit()'s own)")
-    fit.add_argument("--steps", type=int, default=2000, help="gradient steps (default 2000)")
-    fit.add_argument("--prior-samples", type=int, default=100_000, help="weighted prior draws (default 100000)")
-    fit.add_argument("--batch-size", type=int, default=1024, help="draws per step (default 1024)")
-    fit.add_argument("--lr", type=float, default=3e-3, help="Adam learning rate (default 3e-3)")
-    fit.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    fit.add_argument("--num-samples", type=int, default=4000, help="posterior draws exported (default 4000)")
-    fit.add_argument("--out", default="lwflow_output", help="output folder (default lwflow_output)")
+    fit.add_argument("--components", default=str(defaults["num_components"]),
+                     help="mixture components of the base: 'auto' (estimated from the weighted draws) or "
+                     "K >= 1 (default %(default)s)")
+    fit.add_argument("--rounds", default=str(defaults["num_rounds"]),
+                     help="adaptive rounds: 'auto' or N >= 1; 1 is the paper's one-shot method "
+                     "(default %(default)s)")
+    fit.add_argument("--steps", type=int, default=defaults["num_steps"],
+                     help="gradient steps per round (default %(default)s)")
+    fit.add_argument("--prior-samples", type=int, default=defaults["num_prior_samples"],
+                     help="weighted prior draws of round 0 (default %(default)s)")
+    fit.add_argument("--batch-size", type=int, default=defaults["batch_size"],
+                     help="draws per step (default %(default)s)")
+    fit.add_argument("--lr", type=float, default=defaults["lr"], help="Adam learning rate (default %(default)s)")
+    fit.add_argument("--seed", type=int, default=defaults["seed"], help="random seed (default %(default)s)")
+    fit.add_argument("--num-samples", type=int, default=4000, help="posterior draws exported (default %(default)s)")
+    fit.add_argument("--out", default="lwflow_output", help="output folder (default %(default)s)")
     fit.add_argument("--quiet", action="store_true", help="no progress bar")
-    sub.add_parser("models", help="list the bundled models", description="List the bundled models/ files.")
+    sub.add_parser("models", help="list the bundled example models",
+                   description="List the example models bundled in pyro_lwflow.examples.")
     bench = sub.add_parser(
         "bench",
         help="run a benchmark script from benchmarks/ (extra arguments are passed on)",
-        description="Run benchmarks/paper.py or benchmarks/high_dim.py of a source checkout; "
+        description="Run benchmarks/paper.py or benchmarks/high_dim.py of a source checkout (they are not "
+        "part of the installed package); "
         "arguments after the name are passed to the script (e.g. lwflow bench paper --quick).",
     )
     bench.add_argument("which", choices=sorted(BENCHMARKS), help="which benchmark")
     return parser
+
+
+def _fit_defaults() -> dict:
+    """The defaults of :func:`pyro_lwflow.fit` for the options ``lwflow fit`` passes on."""
+    import inspect
+
+    from .fit import fit
+
+    params = inspect.signature(fit).parameters
+    names = ("num_components", "num_rounds", "num_steps", "num_prior_samples", "batch_size", "lr", "seed")
+    return {name: params[name].default for name in names}
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
@@ -124,7 +152,7 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 def _fit(args: argparse.Namespace) -> int:
     model = _load_model(args.model)
     components = _components(args.components)
-    options = {} if args.rounds is None else {"num_rounds": _components(args.rounds, "--rounds")}
+    rounds = _components(args.rounds, "--rounds")
     for name in ("steps", "prior_samples", "batch_size", "num_samples"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
@@ -135,6 +163,10 @@ def _fit(args: argparse.Namespace) -> int:
     else:
         model_args, model_kwargs = (), {}
 
+    import matplotlib
+
+    if "matplotlib.pyplot" not in sys.modules:
+        matplotlib.use("Agg")  # the command only writes files: no window, no display needed
     import arviz as az
     import matplotlib.pyplot as plt
 
@@ -153,7 +185,7 @@ def _fit(args: argparse.Namespace) -> int:
         result = fit(
             model, *model_args, num_components=components, num_steps=args.steps,
             num_prior_samples=args.prior_samples, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-            progress=not args.quiet, model_kwargs=model_kwargs, **options,
+            num_rounds=rounds, progress=not args.quiet, model_kwargs=model_kwargs,
         )
         idata = to_arviz(result, num_samples=args.num_samples, seed=args.seed)
     except (ValueError, TypeError, RuntimeError, NotImplementedError, KeyError) as err:
@@ -233,13 +265,15 @@ def _components(text: str, option: str = "--components") -> int | str:
 
 
 def _load_model(spec: str):
-    """``path.py[:function]`` → the model; a bare name is also looked up in ``models/``."""
+    """``path.py[:function]`` → the model; a bare file name is also looked up in the examples."""
     from .model_files import BUNDLED_MODELS, load_model
 
     path_text, sep, name = spec.partition(":")
     path = Path(path_text)
-    if not path.is_file() and (BUNDLED_MODELS / path.name).is_file() and not path.is_absolute():
-        path = BUNDLED_MODELS / path.name
+    if not path.is_file() and not path.is_absolute() and len(path.parts) == 1:
+        bundled = BUNDLED_MODELS / (path.name if path.suffix else f"{path.name}.py")
+        if bundled.is_file() and not bundled.name.startswith("_"):
+            path = bundled
     if not path.is_file():
         raise UsageError(f"model file '{path_text}' does not exist (try 'lwflow models' for the bundled ones)")
     if path.suffix != ".py":
@@ -332,20 +366,19 @@ def _models() -> int:
         extras = [a for a in ("truth", "example_data") if hasattr(fn, a)]
         note = f"  [{', '.join('.' + a for a in extras)}]" if extras else ""
         print(f"{name:<{width}}  {doc[0] if doc else ''}{note}")
-    print(f"(in {BUNDLED_MODELS}; fit one with: lwflow fit {BUNDLED_MODELS.name}/FILE.py:FUNCTION)")
+    print(f"(in {BUNDLED_MODELS}; fit one with: lwflow fit FILE.py:FUNCTION, e.g. lwflow fit paper_targets.py:three_mode_2d)")
     return 0
 
 
 def _bench(which: str, extra: list[str]) -> int:
-    from .model_files import BUNDLED_MODELS
-
-    script = BUNDLED_MODELS.parent / "benchmarks" / BENCHMARKS[which]
+    script = SOURCE_ROOT / "benchmarks" / BENCHMARKS[which]
     if not script.is_file():
         raise UsageError(
             f"benchmark '{which}' is not available: {script} does not exist (the benchmarks ship with "
-            "the source repository, not with the installed package)"
+            "the source repository, not with the installed package: run this from an editable install "
+            "of a checkout, pip install -e .)"
         )
-    return subprocess.call([sys.executable, str(script), *extra], cwd=BUNDLED_MODELS.parent)
+    return subprocess.call([sys.executable, str(script), *extra], cwd=SOURCE_ROOT)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,13 @@
-"""Loading Pyro models from plain ``.py`` files (``path/to/file.py[:function]``)."""
+"""Loading Pyro models from plain ``.py`` files (``path/to/file.py[:function]``).
+
+The example models shipped in :mod:`pyro_lwflow.examples` are such files too; loading one of them
+by path gives the package's own module (``pyro_lwflow.examples.paper_targets``), so the model is the
+same object however it was loaded, and process pools can pickle it by reference.
+"""
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import sys
 from collections.abc import Callable
@@ -9,7 +15,8 @@ from pathlib import Path
 
 __all__ = ["BUNDLED_MODELS", "bundled_models", "load_model"]
 
-BUNDLED_MODELS = Path(__file__).resolve().parent.parent / "models"
+BUNDLED_MODELS = Path(__file__).resolve().parent / "examples"
+"""The folder of the example model files (:mod:`pyro_lwflow.examples`), inside the installed package."""
 
 
 def load_model(spec: str | Path) -> Callable:
@@ -34,9 +41,9 @@ def load_model(spec: str | Path) -> Callable:
 
 
 def bundled_models() -> dict[str, Callable]:
-    """``{"file.py:function": model}`` for every model shipped in the repository's ``models/``."""
+    """``{"file.py:function": model}`` for every model in :mod:`pyro_lwflow.examples`."""
     out = {}
-    for path in sorted(BUNDLED_MODELS.glob("*.py")):
+    for path in sorted(BUNDLED_MODELS.glob("[!_]*.py")):
         module = _load_module(path)
         models = getattr(module, "MODELS", None) or {"model": getattr(module, "model", None)}
         out.update({f"{path.name}:{name}": fn for name, fn in models.items() if callable(fn)})
@@ -46,6 +53,8 @@ def bundled_models() -> dict[str, Callable]:
 def _load_module(path: Path):
     if not path.is_file():
         raise FileNotFoundError(f"model file '{path}' does not exist")
+    if path.resolve().parent == BUNDLED_MODELS and path.stem.isidentifier() and not path.stem.startswith("_"):
+        return importlib.import_module(f"{__package__}.examples.{path.stem}")
     module_name = f"_lwflow_model_{path.stem}_{abs(hash(str(path.resolve())))}"
     if module_name in sys.modules:
         return sys.modules[module_name]

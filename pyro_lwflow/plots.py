@@ -1,19 +1,17 @@
 """Matplotlib figures: pair plots with truth contours, training curves, weight distributions.
 
-Every function returns a :class:`matplotlib.figure.Figure` and never calls ``show()``.
+Every function returns a :class:`matplotlib.figure.Figure` and never calls ``show()``. Importing
+this module leaves matplotlib's backend alone (``lwflow fit`` selects Agg for itself).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-import matplotlib
-
-matplotlib.use("Agg", force=False)
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+from matplotlib.figure import Figure
 
 __all__ = ["pair_plot", "training_curves", "weight_histogram"]
 

@@ -8,6 +8,7 @@ log density and each mode's component density, for the metrics in :mod:`pyro_lwf
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 
@@ -25,6 +26,9 @@ class BoxTruth:
     :param component_log_probs: ``θ (..., d) → (..., K)`` log(weight × density) of each mode.
     :param weights: ``(K,)`` mode weights.
     :param low, high: the prior box.
+
+    Construction is free: the box mass behind :meth:`log_prob` and :attr:`log_evidence` is
+    estimated on first use and cached (see :attr:`box_mass`).
     """
 
     def __init__(
@@ -43,10 +47,21 @@ class BoxTruth:
         self.weights = torch.as_tensor(weights, dtype=torch.float64)
         self.num_modes = len(self.weights)
         self.low, self.high = low, high
+
+    @functools.cached_property
+    def box_mass(self) -> float:
+        """``∫_box f``: the share of ``f``'s mass inside the prior box.
+
+        Estimated from 2·10⁶ draws of ``f`` under a fixed seed (standard error below 4·10⁻⁴ for any
+        mass, far less when it is close to 1) on first use, then cached, so that building a
+        ``BoxTruth`` (importing a model file) costs nothing. The global torch RNG is left as found.
+        """
         state = torch.get_rng_state()
-        torch.manual_seed(12345)
-        self.box_mass = float(self._inside(density.sample((2_000_000,))).double().mean())
-        torch.set_rng_state(state)
+        try:
+            torch.manual_seed(12345)
+            return float(self._inside(self.density.sample((2_000_000,))).double().mean())
+        finally:
+            torch.set_rng_state(state)
 
     def _inside(self, theta: torch.Tensor) -> torch.Tensor:
         return ((theta >= self.low) & (theta <= self.high)).all(-1)

@@ -10,18 +10,16 @@ import numpy as np
 import pytest
 import torch
 
-from pyro_lwflow import cli, fit
-from pyro_lwflow.model_files import BUNDLED_MODELS
+from pyro_lwflow import cli, examples, fit
+from pyro_lwflow.model_files import BUNDLED_MODELS, load_model
 
-SMALL = ["--steps", "30", "--prior-samples", "10000", "--batch-size", "256", "--num-samples", "400", "--quiet"]
-if "num_rounds" in inspect.signature(fit).parameters:
-    SMALL += ["--rounds", "1"]
+SMALL = ["--steps", "30", "--prior-samples", "10000", "--batch-size", "256", "--num-samples", "400", "--quiet",
+         "--rounds", "1"]
 
 
 def test_fit_a_bundled_model_with_truth(tmp_path, capsys):
     out = tmp_path / "out"
-    model = str(BUNDLED_MODELS / "paper_targets.py") + ":two_mode_2d"
-    assert cli.main(["fit", model, "--components", "2", "--out", str(out), *SMALL]) == 0
+    assert cli.main(["fit", "paper_targets.py:two_mode_2d", "--components", "2", "--out", str(out), *SMALL]) == 0
     names = {p.name for p in out.iterdir()}
     assert {"posterior.nc", "summary.csv", "pair_plot.png", "training_curves.png", "metrics.json",
             "guide.lwflow"} <= names
@@ -41,8 +39,8 @@ def test_fit_with_a_data_file(tmp_path):
     y = np.array([1.2, 0.4, 2.1], dtype=np.float64)  # few points: a broad posterior, ESS in the hundreds
     np.save(tmp_path / "y.npy", y)
     out = tmp_path / "out"
-    assert cli.main(["fit", "normal_scale.py", "--data", str(tmp_path / "y.npy"), "--out", str(out), *SMALL,
-                     "--prior-samples", "20000"]) == 0
+    assert cli.main(["fit", "normal_scale", "--data", str(tmp_path / "y.npy"), "--out", str(out), *SMALL,
+                     "--prior-samples", "20000", "--components", "1"]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert "kl" not in metrics and np.isfinite(metrics["log_evidence"])
     idata = az.from_netcdf(str(out / "posterior.nc"))
@@ -106,13 +104,41 @@ def test_models_lists_the_bundled_models(capsys):
     assert cli.main(["models"]) == 0
     out = capsys.readouterr().out
     assert "paper_targets.py:two_mode_2d" in out and "normal_scale.py:model" in out
+    assert str(examples.DIRECTORY) in out
+
+
+def test_fit_options_default_to_fits_own(capsys):
+    """``lwflow fit`` with no options trains exactly as ``fit(model)`` does, and its help says so."""
+    parsed = cli._parser().parse_args(["fit", "paper_targets.py:two_mode_2d"])
+    params = inspect.signature(fit).parameters
+    given = {"num_components": cli._components(parsed.components), "num_rounds": cli._components(parsed.rounds),
+             "num_steps": parsed.steps, "num_prior_samples": parsed.prior_samples,
+             "batch_size": parsed.batch_size, "lr": parsed.lr, "seed": parsed.seed}
+    assert given == {name: params[name].default for name in given}
+    with pytest.raises(SystemExit):
+        cli.main(["fit", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert f"gradient steps per round (default {params['num_steps'].default})" in help_text
+    assert f"(default {params['num_components'].default})" in help_text
+
+
+def test_bundled_models_load_by_name_and_by_path():
+    by_name = examples.load("paper_targets:three_mode_2d")
+    assert examples.load("paper_targets.py:three_mode_2d") is by_name
+    assert load_model(f"{examples.DIRECTORY / 'paper_targets.py'}:three_mode_2d") is by_name
+    assert cli._load_model("paper_targets.py:three_mode_2d") is by_name
+    assert {"paper_targets:three_mode_2d", "normal_scale:model", "high_dim:gmm_5d"} <= set(examples.names())
+    with pytest.raises(FileNotFoundError, match="the examples are: .*paper_targets"):
+        examples.load("no_such_file:model")
+    with pytest.raises(AttributeError, match="no model function 'nope'"):
+        examples.load("paper_targets:nope")
 
 
 def test_bench_runs_the_script_or_says_it_is_missing(monkeypatch, capsys):
     calls = []
     monkeypatch.setattr(cli.subprocess, "call", lambda cmd, cwd=None: calls.append(cmd) or 0)
     monkeypatch.setattr(cli, "BENCHMARKS", {"paper": "paper.py", "high-dim": "surely_missing_benchmark.py"})
-    if (BUNDLED_MODELS.parent / "benchmarks" / "paper.py").is_file():
+    if (cli.SOURCE_ROOT / "benchmarks" / "paper.py").is_file():
         assert cli.main(["bench", "paper", "--quick"]) == 0
         assert calls[0][0] == sys.executable and calls[0][1].endswith("paper.py") and calls[0][2:] == ["--quick"]
     assert "is not available" in _error(capsys, ["bench", "high-dim"])

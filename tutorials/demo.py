@@ -2,7 +2,7 @@
 
     python tutorials/demo.py --out demo_output
 
-Fits ``models/paper_targets.py:three_mode_2d`` with the paper's one-shot method and a
+Fits ``paper_targets:three_mode_2d`` (:mod:`pyro_lwflow.examples`) with the paper's one-shot method and a
 1-component (Gaussian) base, then with 3 components, then with nothing given at all (``fit(model)``:
 automatic mode count and adaptive rounds). Writes ``pair_plot_*.png`` (model draws over the true
 density's contours: look for the "bridges" of the 1-component fit) and ``metrics.json``.
@@ -16,8 +16,7 @@ from pathlib import Path
 
 import torch
 
-from pyro_lwflow import fit, metrics
-from pyro_lwflow.model_files import BUNDLED_MODELS, load_model
+from pyro_lwflow import examples, fit, metrics
 from pyro_lwflow.plots import pair_plot
 
 
@@ -30,7 +29,7 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
-    model = load_model(BUNDLED_MODELS / "paper_targets.py:three_mode_2d")
+    model = examples.load("paper_targets:three_mode_2d")
     truth = model.truth
     exact = truth.sample(20_000, seed=1)
     report = {}

@@ -5,8 +5,8 @@
 
 Use::
 
-    from pyro_lwflow import fit, load_model
-    model = load_model("models/normal_scale.py")
+    from pyro_lwflow import examples, fit
+    model = examples.load("normal_scale")
     result = fit(model, model.example_data())
 """
 

@@ -3,13 +3,14 @@
 Each model has an independent Uniform(-12, 12) prior on every coordinate of ``theta`` and adds
 the target density as its log-likelihood with ``pyro.factor``, so the posterior is the target
 truncated to the prior box. Each model function carries ``.truth``: the exact posterior, with
-a sampler, its log density and its mixture components. The numbers come from
+a sampler, its log density and its mixture components (a :class:`~pyro_lwflow.truth.BoxTruth`;
+its evidence is estimated on first use, not at import). The numbers come from
 ``paper_targets.json`` beside this file (a copy of the project's benchmark spec).
 
 Use::
 
-    from pyro_lwflow import fit, load_model
-    model = load_model("models/paper_targets.py:three_mode_2d")
+    from pyro_lwflow import examples, fit
+    model = examples.load("paper_targets:three_mode_2d")
     result = fit(model, num_components=3)
     result.sample(1000)["theta"]; model.truth.sample(1000)
 """

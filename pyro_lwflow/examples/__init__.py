@@ -1,0 +1,62 @@
+"""Example Pyro models shipped with the package, loadable by name.
+
+=================  ============================================================================
+file               models
+=================  ============================================================================
+``paper_targets``  the five targets of arXiv:2512.04954 (``single_mode_2d``, ``two_mode_2d``,
+                   ``three_mode_2d``, ``three_mode_3d``, ``non_gaussian_3d``), built from
+                   ``paper_targets.json`` (the benchmark spec); each carries ``.truth``
+``high_dim``       separated Gaussian mixtures in 5, 10 and 20 dimensions and a 5-D banana,
+                   each with ``.truth``
+``normal_scale``   Normal data with unknown mean and HalfNormal scale over a plate, with
+                   ``.example_data()``
+=================  ============================================================================
+
+Each file is an ordinary module of this package (``pyro_lwflow.examples.paper_targets``) and
+also a plain model file: :func:`load` takes ``"file[:function]"`` by name,
+:func:`pyro_lwflow.model_files.load_model` the same by path, and ``lwflow fit
+paper_targets.py:three_mode_2d`` finds it from any folder. Example::
+
+    from pyro_lwflow import examples, fit
+
+    examples.names()                      # ['high_dim:banana_5d', ..., 'paper_targets:two_mode_2d']
+    model = examples.load("paper_targets:three_mode_2d")
+    result = fit(model, num_components=3, num_rounds=1)
+    model.truth.sample(1000)              # exact posterior draws
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+__all__ = ["DIRECTORY", "load", "names"]
+
+DIRECTORY = Path(__file__).resolve().parent
+"""The folder holding the example model files."""
+
+
+def load(name: str) -> Callable:
+    """The example model ``"file[:function]"``, e.g. ``"paper_targets:three_mode_2d"``.
+
+    ``file`` may end in ``.py``; without ``:function`` the file's ``model`` is used.
+
+    :raises FileNotFoundError: there is no such example file (the message lists them).
+    :raises AttributeError: the file has no such function (the message lists the ones it has).
+    """
+    from ..model_files import load_model
+
+    stem, sep, function = name.partition(":")
+    stem = stem.removesuffix(".py")
+    path = DIRECTORY / f"{stem}.py"
+    if "/" in stem or "\\" in stem or stem.startswith("_") or not path.is_file():
+        files = sorted(p.stem for p in DIRECTORY.glob("[!_]*.py"))
+        raise FileNotFoundError(f"no example model file '{stem}'; the examples are: {', '.join(files)}")
+    return load_model(f"{path}{sep}{function}")
+
+
+def names() -> list[str]:
+    """``"file:function"`` for every example model, sorted."""
+    from ..model_files import bundled_models
+
+    return sorted(key.replace(".py:", ":") for key in bundled_models())
