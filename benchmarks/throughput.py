@@ -98,7 +98,7 @@ def bench_likelihood(quick: bool) -> list[dict]:
     rows.append(dict(likelihood="10-D Gaussian, 20 obs", path="in-process, vectorised", workers=1, draws=n_vec,
                      seconds=seconds, draws_per_s=n_vec / seconds))
     n_loop = 200 if quick else 1000
-    adapter.vectorized = False  # the plain Python loop: one trace per draw
+    adapter.tracer.vectorized = False  # the plain Python loop: one trace per draw
     seconds, _ = timed(adapter.sample, n_loop)
     rows.append(dict(likelihood="10-D Gaussian, 20 obs", path="in-process, Python loop over draws", workers=1,
                      draws=n_loop, seconds=seconds, draws_per_s=n_loop / seconds))
@@ -108,7 +108,7 @@ def bench_likelihood(quick: bool) -> list[dict]:
 
     def run(executor, label, workers):
         a = adapter_for(slow_model, y, chunk_size=chunk, executor=executor)
-        a.vectorized = False  # known: a black box (skip the check's warning)
+        a.tracer.vectorized = False  # known: a black box (skip the check's warning)
         a.sample(2 * chunk * max(workers, 1), seed=seed + 1)  # warm-up: workers import torch/pyro
         seconds, draws = timed(a.sample, n_slow, seed=seed)
         rows.append(dict(likelihood="NumPy black box, ~1 ms sleep/draw", path=label, workers=workers, draws=n_slow,

@@ -1,99 +1,30 @@
-"""Pyro model → weighted draws: prior traces, packed unconstrained latents, log-likelihoods."""
+"""Pyro model → weighted draws: prior draws of the packed latents, weighted by their likelihood.
+
+Every draw goes one way, whatever evaluates it: ``N`` draws are split into chunks of
+``chunk_size``; chunk ``i`` gets its prior latents in this process under the torch seed
+:func:`~pyro_lwflow.evaluation.chunk_seed` ``(seed, i)`` (the model runs only up to its last latent),
+and an executor — by default this process — computes their log-likelihood and log prior density
+(:class:`~pyro_lwflow.tracing.ModelTracer`). The draws and weights therefore depend on the seed
+and the chunk size only, never on the executor.
+"""
 
 from __future__ import annotations
 
-import math
 import os
 import warnings
-from collections.abc import Callable, Iterator
+from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Executor
-from dataclasses import dataclass
 
-import pyro
-import pyro.distributions as dist
 import torch
 from pyro import poutine
-from pyro.distributions.util import sum_rightmost
-from pyro.poutine.messenger import Messenger
-from torch.distributions import biject_to
-from tqdm.auto import tqdm
 
-from . import evaluation
 from .draws import WeightedDraws
+from .evaluation import TRACE_LOCK, ChunkCache, chunk_key, chunk_seed, run_chunks, run_digest
+from .layout import Layout
+from .tracing import Evaluation, ModelTracer
 
-__all__ = ["LatentSite", "PriorAdapter", "latent_sites", "observed_site_names"]
-
-_PARTICLES = "_lwflow_particles"
-
-
-@dataclass(frozen=True)
-class LatentSite:
-    """One continuous latent site of the model and its slice of the packed vector."""
-
-    name: str
-    shape: torch.Size  # constrained value shape in the prototype trace
-    event_dim: int
-    start: int
-    stop: int
-
-    @property
-    def size(self) -> int:
-        return self.stop - self.start
-
-
-def observed_site_names(trace: poutine.Trace) -> list[str]:
-    """Names of every observed site (``obs=`` and ``pyro.factor``) in trace order."""
-    return [
-        name
-        for name, site in trace.nodes.items()
-        if site["type"] == "sample" and site["is_observed"]
-    ]
-
-
-def latent_sites(trace: poutine.Trace) -> list[LatentSite]:
-    """The packing layout of the continuous latent sites, in Pyro's prototype-trace order.
-
-    Raises a clear error for the latent sites the method cannot handle.
-    """
-    layout, pos = [], 0
-    for name, site in trace.iter_stochastic_nodes():
-        fn = site["fn"]
-        if fn.support.is_discrete:
-            raise ValueError(
-                f"Latent site '{name}' is discrete ({type(fn).__name__}); AutoLWFlow needs every "
-                "latent site to be continuous. Marginalise it out in the model (e.g. a mixture "
-                "written with MixtureSameFamily), or observe it."
-            )
-        if isinstance(fn, dist.ImproperUniform) or _is_unsampleable(fn):
-            raise ValueError(
-                f"Latent site '{name}' has an improper prior ({type(fn).__name__}) that cannot be "
-                "sampled; likelihood weighting draws from the prior, so give it a proper prior "
-                "(e.g. dist.Normal(0, 10) or dist.Uniform(low, high))."
-            )
-        unconstrained = biject_to(fn.support).inv(site["value"])
-        size = unconstrained.numel()
-        layout.append(LatentSite(name, site["value"].shape, fn.event_dim, pos, pos + size))
-        pos += size
-    return layout
-
-
-def _is_unsampleable(fn: dist.Distribution) -> bool:
-    try:
-        fn.sample()
-    except NotImplementedError:
-        return True
-    return False
-
-
-def _max_plate_nesting(trace: poutine.Trace) -> int:
-    dims = [
-        -frame.dim
-        for site in trace.nodes.values()
-        if site["type"] == "sample"
-        for frame in site["cond_indep_stack"]
-        if frame.vectorized
-    ]
-    return max(dims, default=0)
+__all__ = ["PriorAdapter"]
 
 
 class PriorAdapter:
@@ -102,18 +33,16 @@ class PriorAdapter:
     :param model: the Pyro model.
     :param prototype: a trace of the model's latent sites (``guide.prototype_trace``); its order
         is the packing order.
-    :param args, kwargs: the model's arguments (the observed data).
-    :param chunk_size: number of draws traced in one vectorised call; with an ``executor``, also the
-        number of draws per task (pick it so every worker gets several chunks).
+    :param args, kwargs: the model's arguments (the observed data); NumPy arrays and lists of
+        numbers become tensors.
+    :param chunk_size: draws per chunk: traced in one vectorised call, and one task for an executor
+        (pick it so every worker gets several chunks).
     :param executor: a :class:`concurrent.futures.Executor` (a process pool, or a Dask
         ``distributed.Client(...).get_executor()``) that evaluates the likelihood chunk by chunk;
-        see :mod:`pyro_lwflow.evaluation`. The model and its arguments must be picklable (a process
-        pool uses plain pickle: the model must be importable; Dask uses cloudpickle).
+        ``None`` evaluates the same chunks in this process. See :mod:`pyro_lwflow.evaluation`.
     :param cache_dir: a folder for one ``.npz`` per evaluated chunk, so an interrupted run resumes.
-    :param seed: seeds the chunked path: chunk ``i`` is drawn from its own generator seeded by
-        ``(seed, i)``, so the draws do not depend on the executor or on resumption. Giving any of
-        ``executor``, ``cache_dir`` or ``seed`` selects that path; with none of them :meth:`sample`
-        traces the model in-process on the global RNG stream, as before.
+    :param seed: the seed of :meth:`sample`'s chunks; ``None`` draws one from the global torch RNG
+        on each call (so ``pyro.set_rng_seed`` makes a run reproducible).
     :param retries: re-submissions of a chunk whose evaluation fails before giving up.
     :param max_in_flight: chunks submitted at once (bounds memory); default twice the workers.
     """
@@ -132,309 +61,111 @@ class PriorAdapter:
         retries: int = 2,
         max_in_flight: int | None = None,
     ) -> None:
-        self.model = model
-        self.args = args
-        self.kwargs = kwargs or {}
-        self.layout = latent_sites(prototype)
-        full = self._trace(None, None)  # also surfaces data-shape errors, naming the site
-        self.observed = observed_site_names(full)
-        if not self.observed:
-            raise ValueError(
-                "The model has no observed site, so there is nothing to weight the prior draws by. "
-                "Pass the data as obs= to the likelihood's pyro.sample, or add the log-likelihood "
-                "with pyro.factor('loglik', value)."
-            )
-        self.dim = self.layout[-1].stop
-        self.max_plate_nesting = _max_plate_nesting(full)
+        self.layout = Layout.from_trace(prototype)
+        self.tracer = ModelTracer(model, self.layout, args, kwargs)
         self.chunk_size = chunk_size
-        self.vectorized: bool | None = None  # decided on the first chunk
-        self.prior_vectorized: bool | None = None  # the same, for the prior part alone
         self.executor = executor
-        self.cache_dir = cache_dir
+        self.cache = ChunkCache(cache_dir) if cache_dir is not None else None
         self.seed = seed
         self.retries = retries
         self.max_in_flight = max_in_flight
-        self.num_evaluated = 0  # likelihood evaluations paid by the last sample() (cache hits excluded)
-        self._store: dict = {}  # chunks evaluated by a sample() call that failed, reused by its retry
-        self._supports = {s.name: prototype.nodes[s.name]["fn"].support for s in self.layout}
-        self._unconstrained_shapes = {
-            s.name: biject_to(self._supports[s.name]).inv(prototype.nodes[s.name]["value"]).shape
-            for s in self.layout
-        }
+        self.num_evaluated = 0  # likelihood evaluations paid by the last call (cache hits excluded)
+        self._kept: dict[str, tuple] = {}  # chunks evaluated by a sample() call that failed, for its retry
 
-    # -- public ---------------------------------------------------------------------------
+    @property
+    def dim(self) -> int:
+        return self.layout.dim
+
+    @property
+    def observed(self) -> list[str]:
+        return self.tracer.observed
+
+    def unpack(self, latents: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``(N, D)`` unconstrained latents → ``{site: (N, *shape)}`` constrained values."""
+        return self.layout.unpack(latents)
 
     def sample(self, num_samples: int, progress: bool = False, seed: int | None = None) -> WeightedDraws:
-        """Draw ``num_samples`` prior traces, weighted by their likelihood.
+        """Draw ``num_samples`` prior draws, weighted by their likelihood.
 
         :param seed: overrides the adapter's ``seed`` for this call.
         :returns: :class:`WeightedDraws` with ``log_proposal == log_prior``.
+        :raises ChunkFailedError: naming the chunk that failed ``retries + 1`` times; the chunks
+            evaluated by then are kept, so the same call again evaluates only the missing ones.
         """
         seed = self.seed if seed is None else seed
-        if self.executor is not None or self.cache_dir is not None or seed is not None:
-            return evaluation.sample_chunked(
-                self, num_samples, seed=seed, executor=self.executor, cache_dir=self.cache_dir,
-                retries=self.retries, max_in_flight=self.max_in_flight, progress=progress,
-            )
-        self.num_evaluated = num_samples
-        parts = [
-            self._run(n, values=None)
-            for n in _chunks(num_samples, self.chunk_size, progress, "prior draws")
-        ]
-        latents, log_lik, log_prior = (torch.cat(x) for x in zip(*parts, strict=True))
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, ()))
+        run = run_digest(self.tracer, seed, self.chunk_size)
+        latents = torch.empty(num_samples, self.dim, dtype=torch.float32)
+        log_lik = torch.empty(num_samples, dtype=torch.float64)
+        log_prior = torch.empty(num_samples, dtype=torch.float64)
+        keys, items = {}, deque()
+        for index, a in enumerate(range(0, num_samples, self.chunk_size)):
+            b = min(a + self.chunk_size, num_samples)
+            keys[index] = key = chunk_key(run, index, b - a)
+            hit = self._kept.get(key)
+            if hit is None and self.cache is not None:
+                hit = self.cache.load(key, b - a, self.dim)
+            if hit is None:
+                items.append((index, a, b))
+            else:
+                latents[a:b], log_lik[a:b], log_prior[a:b] = (torch.as_tensor(x) for x in hit)
+
+        def prepare(index: int, a: int, b: int) -> None:
+            with TRACE_LOCK, torch.random.fork_rng(devices=[]):
+                torch.manual_seed(chunk_seed(seed, index))
+                latents[a:b] = self.tracer.prior_latents(b - a)
+            self.tracer.check_vectorization(latents[a:b])  # once, here, so workers neither check nor warn
+
+        def store(index: int, a: int, b: int) -> None:
+            # views into the outputs (no copy): kept only if this call fails, for its retry
+            self._kept[keys[index]] = (latents[a:b].numpy(), log_lik[a:b].numpy(), log_prior[a:b].numpy())
+            if self.cache is not None:
+                self.cache.save(keys[index], *self._kept[keys[index]])
+
+        self._run(items, latents, log_lik, log_prior, prepare, store, progress)
+        self._kept.clear()  # all done: nothing to resume
         return WeightedDraws(latents, log_lik, log_prior, log_prior.clone())
 
     def evaluate(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Log-likelihood and log prior density of given packed unconstrained latents.
+        """Log-likelihood and log prior density of given packed unconstrained latents, evaluated in
+        chunks on the executor (with retries, nothing cached: the latents carry no seed).
 
         :param latents: ``(N, D)`` unconstrained latents.
         :returns: ``(log_likelihood, log_prior)``, each ``(N,)`` float64.
         """
-        if self.executor is not None:
-            return evaluation.evaluate_chunked(self, latents, self.executor, self.retries, self.max_in_flight)
-        return self.evaluate_in_process(latents)
+        latents = latents.detach().to("cpu", torch.float32).contiguous()
+        n = latents.shape[0]
+        log_lik = torch.empty(n, dtype=torch.float64)
+        log_prior = torch.empty(n, dtype=torch.float64)
+        if n:
+            self.tracer.check_vectorization(latents)
+        items = deque((i, a, min(a + self.chunk_size, n)) for i, a in enumerate(range(0, n, self.chunk_size)))
+        self._run(items, latents, log_lik, log_prior, lambda *_: None, lambda *_: None, False)
+        return log_lik, log_prior
 
-    def evaluate_in_process(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """:meth:`evaluate` in this process, whatever the executor (what each worker runs)."""
-        out_lik, out_prior, pos = [], [], 0
-        for n in _chunks(latents.shape[0], self.chunk_size, False, ""):
-            _, log_lik, log_prior = self._run(n, values=latents[pos : pos + n])
-            out_lik.append(log_lik)
-            out_prior.append(log_prior)
-            pos += n
-        return torch.cat(out_lik), torch.cat(out_prior)
+    def _run(self, items, latents, log_lik, log_prior, prepare, store, progress) -> None:
+        """Evaluate ``items`` into the outputs; count the draws paid for and the ones the model raised on."""
+        failed: list[tuple[int, str]] = []
 
-    def draw_latents(self, num_samples: int) -> torch.Tensor:
-        """``(num_samples, D)`` float32 prior draws of the packed unconstrained latents, cheaply.
+        def on_done(index: int, a: int, b: int, evaluation: Evaluation) -> None:
+            log_lik[a:b] = evaluation.log_likelihood
+            log_prior[a:b] = evaluation.log_prior
+            if evaluation.num_failed:
+                failed.append((evaluation.num_failed, evaluation.first_error))
+            store(index, a, b)
 
-        Runs the model only until its last latent site has a value, so the likelihood is not
-        computed. Vectorised under the particle plate when the prior part of the model allows it
-        (checked once on a few draws against draw-by-draw tracing), else one trace per draw. Uses
-        the global torch RNG.
-        """
-        if self.prior_vectorized is None:
-            with torch.random.fork_rng(devices=[]):  # the check must not shift the caller's stream
-                self.prior_vectorized = self._prior_vectorization_works()
-        if self.prior_vectorized:
-            return self._pack(self._prior_trace(num_samples, None), num_samples)[0]
-        parts = [self._pack(self._prior_trace(None, None), None)[0] for _ in range(num_samples)]
-        return torch.cat(parts) if parts else torch.empty(0, self.dim)
-
-    def __getstate__(self) -> dict:
-        # What an executor ships to its workers: never the executor itself, nor kept results.
-        state = dict(self.__dict__)
-        state.update(executor=None, _store={})
-        return state
-
-    def unpack(self, latents: torch.Tensor) -> dict[str, torch.Tensor]:
-        """``(N, D)`` unconstrained latents → ``{site: (N, *shape)}`` constrained values."""
-        return {
-            s.name: biject_to(self._supports[s.name])(
-                latents[:, s.start : s.stop].reshape((-1,) + tuple(self._unconstrained_shapes[s.name]))
-            ).reshape((-1,) + tuple(s.shape))
-            for s in self.layout
-        }
-
-    # -- internals --------------------------------------------------------------------------
-
-    def _run(self, n: int, values: torch.Tensor | None):
-        if self.vectorized is None:
-            self.vectorized = self._vectorization_works(n, values)
-        if self.vectorized:
-            return self._run_vectorized(n, values)
-        return self._run_sequential(n, values)
-
-    @torch.no_grad()
-    def _trace(self, n: int | None, values: dict[str, torch.Tensor] | None) -> poutine.Trace:
-        # Validation off: a NaN log-likelihood must reach check_weights (which drops the draw)
-        # instead of failing the whole batch; shape errors still surface, naming the site.
-        model = self.model if values is None else poutine.condition(self.model, values)
-        model = poutine.block(model, hide_types=["param"])
-        with pyro.validation_enabled(False):
-            if n is None:
-                trace = poutine.trace(model).get_trace(*self.args, **self.kwargs)
-            else:
-                with pyro.plate(_PARTICLES, n, dim=-self.max_plate_nesting - 1):
-                    trace = poutine.trace(model).get_trace(*self.args, **self.kwargs)
-            _compute_log_prob(trace)
-        return trace
-
-    @torch.no_grad()
-    def _prior_trace(self, n: int | None, values: dict[str, torch.Tensor] | None) -> poutine.Trace:
-        """Like :meth:`_trace`, but stops the model once every latent site has a value."""
-        model = self.model if values is None else poutine.condition(self.model, values)
-        tracer = poutine.trace(_StopAfterLatents([s.name for s in self.layout])(
-            poutine.block(model, hide_types=["param"])
-        ))
-        with pyro.validation_enabled(False):
-            try:
-                if n is None:
-                    tracer(*self.args, **self.kwargs)
-                else:
-                    with pyro.plate(_PARTICLES, n, dim=-self.max_plate_nesting - 1):
-                        tracer(*self.args, **self.kwargs)
-            except _LatentsDrawn:
-                pass
-            trace = tracer.msngr.trace
-            _compute_log_prob(trace)
-        return trace
-
-    def _prior_vectorization_works(self, k: int = 3) -> bool:
-        """Whether prior draws under the particle plate match draw-by-draw prior traces."""
-        try:
-            lat, lp_vec = self._pack(self._prior_trace(k, None), k)
-        except Exception:  # noqa: BLE001 - any failure means "not vectorisable"
-            return False
-        lp_seq = torch.cat([
-            self._pack(self._prior_trace(None, self._values(lat[i : i + 1], batched=False)), None)[1]
-            for i in range(k)
-        ])
-        return bool(torch.allclose(lp_vec, lp_seq, rtol=1e-4, atol=1e-3, equal_nan=True))
-
-    def _pack(self, trace: poutine.Trace, n: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """``((n, D) float32 unconstrained latents, (n,) float64 log prior)`` of a trace's latent
-        sites; ``n=None`` for an unbatched trace (one draw)."""
-        dim = -self.max_plate_nesting - 1
-        rows = 1 if n is None else n
-        log_prior = torch.zeros(rows, dtype=torch.float64)
-        packed = []
-        for s in self.layout:
-            site = trace.nodes[s.name]
-            value = site["value"]
-            if value.numel() != rows * math.prod(s.shape):
-                raise RuntimeError(f"site '{s.name}' has shape {tuple(value.shape)} under vectorisation")
-            transform = biject_to(site["fn"].support)
-            u = transform.inv(value)
-            ladj = transform.log_abs_det_jacobian(u, value)
-            if n is None:
-                log_prior += float(site["log_prob"].sum() + ladj.sum())
-            else:
-                ladj = sum_rightmost(ladj, ladj.dim() - value.dim() + site["fn"].event_dim)
-                log_prior += _per_draw(site["log_prob"] + ladj, n, dim)
-            packed.append(u.reshape(rows, -1))
-        return torch.cat(packed, -1).float(), log_prior
-
-    def _values(self, latents: torch.Tensor | None, batched: bool) -> dict | None:
-        if latents is None:
-            return None
-        values = self.unpack(latents)
-        if batched:
-            pad = (1,) * self.max_plate_nesting
-            return {
-                s.name: values[s.name].reshape(
-                    (-1,) + pad[: max(0, self.max_plate_nesting - len(s.shape) + s.event_dim)]
-                    + tuple(s.shape)
-                )
-                for s in self.layout
-            }
-        return {k: v[0] for k, v in values.items()}
-
-    def _run_vectorized(self, n: int, latents: torch.Tensor | None):
-        trace = self._trace(n, self._values(latents, batched=True))
-        dim = -self.max_plate_nesting - 1
-        log_lik = torch.zeros(n, dtype=torch.float64)
-        for name in self.observed:
-            log_lik += _per_draw(trace.nodes[name]["log_prob"], n, dim)
-        packed, log_prior = self._pack(trace, n)
-        return (packed if latents is None else latents.float()), log_lik, log_prior
-
-    def _run_sequential(self, n: int, latents: torch.Tensor | None):
-        out = []
-        for i in range(n):
-            values = None if latents is None else self._values(latents[i : i + 1], batched=False)
-            trace = self._trace(None, values)
-            log_lik = sum(float(trace.nodes[k]["log_prob"].sum()) for k in self.observed)
-            packed, log_prior = self._pack(trace, None)
-            out.append((packed[0], log_lik, float(log_prior[0])))
-        lat = torch.stack([o[0] for o in out]).float() if latents is None else latents.float()
-        return (
-            lat,
-            torch.tensor([o[1] for o in out], dtype=torch.float64),
-            torch.tensor([o[2] for o in out], dtype=torch.float64),
-        )
-
-    def _vectorization_works(self, n: int, latents: torch.Tensor | None) -> bool:
-        """Trace a few draws both ways; fall back to one trace per draw if they disagree."""
-        k = min(n, 3)
-        try:
-            lat, ll_vec, lp_vec = self._run_vectorized(k, latents[:k] if latents is not None else None)
-        except Exception as err:  # noqa: BLE001 - any failure means "not vectorisable"
-            reason = f"tracing it under a vectorising pyro.plate failed ({type(err).__name__}: {err})"
-        else:
-            ll_seq = self._run_sequential(k, lat)[1]
-            if torch.allclose(ll_vec, ll_seq, rtol=1e-4, atol=1e-3, equal_nan=True):
-                return True
-            reason = (
-                "its log-likelihood under a vectorising pyro.plate differs from draw-by-draw "
-                f"tracing ({ll_vec.tolist()} vs {ll_seq.tolist()})"
-            )
-        # Surface genuine model errors (e.g. data of the wrong shape) from a plain trace.
-        self._run_sequential(1, None)
+        self.num_evaluated = sum(b - a for _, a, b in items)
+        run_chunks(self.tracer, items, latents, prepare, on_done, self.executor, self.retries, self.max_in_flight,
+                   progress)
+        num_failed = sum(k for k, _ in failed)
+        if not num_failed:
+            return
+        if num_failed == self.num_evaluated:
+            raise ValueError(f"The model raised for all {num_failed} draws; the first error: {failed[0][1]}")
         warnings.warn(
-            f"The model is traced one draw at a time because {reason}. This is much slower; to "
-            "vectorise, write the model so every site broadcasts over an extra batch dimension on "
-            "the left (use pyro.plate for data, .to_event() for vector latents, torch ops not Python "
-            "loops or float()).",
+            f"The model raised for {num_failed} of {self.num_evaluated} draws (first: {failed[0][1]}); their "
+            "likelihood counts as NaN and they are dropped. If the model should be defined there, fix it; if "
+            "the likelihood is zero there, return -inf instead of raising.",
             stacklevel=4,
         )
-        return False
-
-
-class _LatentsDrawn(Exception):
-    """Raised by :class:`_StopAfterLatents` to end a prior trace early."""
-
-
-class _StopAfterLatents(Messenger):
-    """Stops the model (by raising :class:`_LatentsDrawn`) once every named site has a value.
-
-    Enter it inside ``poutine.trace`` so the trace records the last site before the stop.
-    """
-
-    def __init__(self, names: list[str]) -> None:
-        super().__init__()
-        self.names = frozenset(names)
-        self.pending: set[str] = set()
-
-    def __enter__(self):
-        self.pending = set(self.names)
-        return super().__enter__()
-
-    def _pyro_post_sample(self, msg: dict) -> None:
-        self.pending.discard(msg["name"])
-        if not self.pending:
-            raise _LatentsDrawn
-
-
-def _compute_log_prob(trace: poutine.Trace) -> None:
-    """``trace.compute_log_prob()``, re-raising any error with the failing site's name."""
-    for name, site in trace.nodes.items():
-        if site["type"] != "sample":
-            continue
-        try:
-            trace.compute_log_prob(site_filter=lambda n, _s, name=name: n == name)
-        except (RuntimeError, ValueError) as err:
-            observed = "observed " if site["is_observed"] else ""
-            raise ValueError(
-                f"Computing the log-prob of {observed}site '{name}' failed: {err}. Check that the data "
-                f"passed for '{name}' has the shape the model's distribution there expects "
-                f"(batch {tuple(site['fn'].batch_shape)}, event {tuple(site['fn'].event_shape)})."
-            ) from err
-
-
-def _per_draw(log_prob: torch.Tensor, n: int, dim: int) -> torch.Tensor:
-    """Sum a site's log-prob over every dimension but the particle dimension ``dim``."""
-    log_prob = log_prob.double()
-    while log_prob.dim() < -dim:
-        log_prob = log_prob.unsqueeze(0)
-    log_prob = log_prob.movedim(dim, 0).reshape(log_prob.shape[dim], -1).sum(-1)
-    return log_prob.expand(n)
-
-
-def _chunks(total: int, size: int, progress: bool, desc: str) -> Iterator[int]:
-    with tqdm(total=total, disable=not progress, desc=desc, unit="draw", leave=False) as bar:
-        done = 0
-        while done < total:
-            n = min(size, total - done)
-            yield n
-            done += n
-            bar.update(n)

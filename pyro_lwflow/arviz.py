@@ -34,22 +34,18 @@ guide is a trustworthy importance sampler of the posterior).
 from __future__ import annotations
 
 import json
-import math
-import warnings
 from collections.abc import Callable
 
 import arviz as az
 import numpy as np
 import pyro
 import torch
-from pyro import poutine
+from pyro.poutine.util import site_is_subsample
 
 from .adapter import PriorAdapter
 from .diagnostics import psis_log_weights
 
 __all__ = ["to_arviz"]
-
-_DRAWS = "_lwflow_arviz_draws"
 
 
 def to_arviz(
@@ -91,6 +87,7 @@ def to_arviz(
     per_chain = num_samples // num_chains
     n = per_chain * num_chains
     adapter = PriorAdapter(model, guide.prototype_trace, args, kwargs, chunk_size)
+    tracer = adapter.tracer
 
     with torch.random.fork_rng(devices=[]), torch.no_grad():
         if seed is not None:
@@ -102,8 +99,9 @@ def to_arviz(
         log_q = guide.log_density(values).double()
     log_lik, log_prior = adapter.evaluate(latents)
     log_weight = log_lik + log_prior - log_q_unconstrained
-    pointwise = _pointwise_log_likelihood(adapter, values, log_lik, chunk_size)
-    observed = _observed_values(model, adapter, args, kwargs)
+    pointwise = tracer.pointwise_log_likelihood(latents, log_lik, chunk_size)
+    observed = tracer.observed_values()
+    plate_dims, plate_coords = _plate_dims(tracer)
 
     def chains(x: torch.Tensor) -> np.ndarray:
         return x.detach().cpu().numpy().reshape((num_chains, per_chain) + tuple(x.shape[1:]))
@@ -131,88 +129,35 @@ def to_arviz(
             "source": one_chain(prior_part.source),
         },
         observed_data=observed or None,
-        coords=coords,
-        dims=dims,
+        coords={**plate_coords, **(coords or {})},
+        dims={**plate_dims, **(dims or {})},
         attrs=attrs,
         posterior_attrs=dict(attrs),
     )
 
 
-def _pointwise_log_likelihood(
-    adapter: PriorAdapter, values: dict[str, torch.Tensor], log_lik: torch.Tensor, chunk_size: int
-) -> dict[str, torch.Tensor]:
-    """``{observed site: (n, *data_shape)}`` log-probs at the draws ``values`` (``{site: (n, *shape)}``).
-
-    Traced in one vectorised pass per chunk; if the per-draw sums disagree with ``log_lik`` (the
-    adapter's own, checked, per-draw totals), traced one draw at a time instead.
-    """
-    n = len(log_lik)
-    shapes = {k: v.shape for k, v in _trace(adapter, {k: v[0] for k, v in values.items()}, None).items()}
-    try:
-        parts = [
-            _vectorised(adapter, {k: v[i : i + chunk_size] for k, v in values.items()}, shapes)
-            for i in range(0, n, chunk_size)
-        ]
-        out = {k: torch.cat([p[k] for p in parts]) for k in shapes}
-        total = sum(v.double().reshape(n, -1).sum(-1) for v in out.values())
-        if not torch.allclose(total, log_lik, rtol=1e-4, atol=1e-3, equal_nan=True):
-            raise ValueError("vectorised pointwise log-likelihood disagrees with the per-draw totals")
-    except (RuntimeError, ValueError) as err:
-        warnings.warn(
-            f"Tracing the pointwise log-likelihood one draw at a time ({err}); this is slower.", stacklevel=3
-        )
-        rows = [_trace(adapter, {k: v[i] for k, v in values.items()}, None) for i in range(n)]
-        out = {k: torch.stack([r[k] for r in rows]) for k in shapes}
-    return out
-
-
-def _vectorised(adapter: PriorAdapter, values: dict[str, torch.Tensor], shapes: dict) -> dict[str, torch.Tensor]:
-    """One vectorised trace of a chunk of draws → ``{observed site: (m, *data_shape)}``."""
-    m = len(next(iter(values.values())))
-    nest = adapter.max_plate_nesting
-    batched = {}
-    for site in adapter.layout:
-        batch_dims = len(site.shape) - site.event_dim
-        batched[site.name] = values[site.name].reshape((m,) + (1,) * max(0, nest - batch_dims) + tuple(site.shape))
-    logps = _trace(adapter, batched, m)
-    out = {}
-    for name, lp in logps.items():
-        while lp.dim() < nest + 1:
-            lp = lp.unsqueeze(0)
-        lp = lp.expand((m,) + tuple(lp.shape[1:])).reshape(m, -1)
-        if lp.shape[1] != math.prod(shapes[name]):
-            raise ValueError(f"site '{name}' has log-prob shape {tuple(lp.shape)} under vectorisation")
-        out[name] = lp.reshape((m,) + tuple(shapes[name]))
-    return out
-
-
-@torch.no_grad()
-def _trace(adapter: PriorAdapter, values: dict[str, torch.Tensor], m: int | None) -> dict[str, torch.Tensor]:
-    """Log-probs of the observed sites with the latents conditioned on ``values``.
-
-    :param m: number of draws stacked on the left of ``values``; ``None`` for one draw.
-    """
-    model = poutine.block(poutine.condition(adapter.model, values), hide_types=["param"])
-    with pyro.validation_enabled(False):
-        if m is None:
-            trace = poutine.trace(model).get_trace(*adapter.args, **adapter.kwargs)
-        else:
-            with pyro.plate(_DRAWS, m, dim=-adapter.max_plate_nesting - 1):
-                trace = poutine.trace(model).get_trace(*adapter.args, **adapter.kwargs)
-        trace.compute_log_prob(site_filter=lambda name, _site: name in adapter.observed)
-    return {name: trace.nodes[name]["log_prob"] for name in adapter.observed}
-
-
-@torch.no_grad()
-def _observed_values(model: Callable, adapter: PriorAdapter, args: tuple, kwargs: dict) -> dict[str, np.ndarray]:
-    """``{site: value}`` of the observed sites that carry data (``pyro.factor`` sites carry none)."""
-    with pyro.validation_enabled(False):
-        trace = poutine.trace(poutine.block(model, hide_types=["param"])).get_trace(*args, **kwargs)
-    return {
-        name: trace.nodes[name]["value"].detach().cpu().numpy()
-        for name in adapter.observed
-        if not trace.nodes[name]["infer"].get("is_auxiliary") and trace.nodes[name]["value"].numel() > 0
-    }
+def _plate_dims(tracer) -> tuple[dict[str, list[str]], dict[str, list[int]]]:
+    """ArviZ ``dims`` naming every plate dimension of every latent and observed site after its plate,
+    and ``coords`` ``{plate: [0 … size − 1]}``; other dimensions keep ArviZ's ``{site}_dim_{i}``."""
+    trace = tracer.trace(None, None)
+    dims, coords = {}, {}
+    for name, site in trace.nodes.items():
+        if site["type"] != "sample" or site_is_subsample(site) or site["infer"].get("is_auxiliary"):
+            continue
+        batch_ndim = site["value"].dim() - site["fn"].event_dim
+        if batch_ndim <= 0:
+            continue
+        by_dim = {f.dim: f for f in site["cond_indep_stack"] if f.vectorized}
+        names = []
+        for j in range(batch_ndim):
+            frame = by_dim.get(j - batch_ndim)
+            if frame is None:
+                names.append(f"{name}_dim_{j}")
+            else:
+                names.append(frame.name)
+                coords[frame.name] = list(range(int(site["value"].shape[j])))
+        dims[name] = names
+    return dims, coords
 
 
 def _attrs(result, seed: int | None, prior_k: float, guide_k: float, guide_ess: float) -> dict:

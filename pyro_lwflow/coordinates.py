@@ -9,7 +9,7 @@ from pyro.distributions.torch_transform import TransformModule
 from pyro.poutine import Trace
 from torch.distributions import biject_to, constraints
 
-from .adapter import LatentSite
+from .layout import Layout
 
 __all__ = ["BoxCoordinates", "Standardize", "box_coordinates"]
 
@@ -120,7 +120,7 @@ class BoxCoordinates(TransformModule):
         return torch.where(self.mask, per_coordinate, 0.0).sum(-1)
 
 
-def box_coordinates(prototype: Trace, layout: list[LatentSite], margin: float = 0.05) -> BoxCoordinates:
+def box_coordinates(prototype: Trace, layout: Layout, margin: float = 0.05) -> BoxCoordinates:
     """The :class:`BoxCoordinates` of a model's packed latent vector (its sites in ``layout``
     order): every coordinate of a site whose support is a bounded interval (``Uniform``, ``Beta``,
     ...) gets its linear interior."""

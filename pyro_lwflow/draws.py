@@ -57,8 +57,12 @@ class WeightedDraws:
 
     @property
     def log_weights(self) -> torch.Tensor:
-        """``(N,)`` float64 unnormalised log importance weights at temperature ``beta``."""
-        return self.beta * self.log_likelihood + self.log_prior - self.log_proposal
+        """``(N,)`` float64 unnormalised log importance weights at temperature ``beta``; draws with
+        zero likelihood get weight zero at every β, including β = 0."""
+        # a zero likelihood stays zero at every temperature, β = 0 included (the limit β → 0⁺):
+        # 0 · (−inf) must never reach a weight
+        tempered = torch.where(torch.isneginf(self.log_likelihood), -math.inf, self.beta * self.log_likelihood)
+        return tempered + self.log_prior - self.log_proposal
 
     @property
     def weights(self) -> torch.Tensor:

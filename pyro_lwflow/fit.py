@@ -8,12 +8,12 @@ import time
 import warnings
 from collections.abc import Callable
 from concurrent.futures import Executor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import pyro
 import torch
 from pyro import poutine
-from torch.distributions import biject_to
 from tqdm.auto import tqdm
 
 from .adapter import PriorAdapter
@@ -22,6 +22,7 @@ from .diagnostics import check_weights, pareto_k, psis_log_weights
 from .draws import WeightedDraws
 from .guide import AutoLWFlow
 from .loss import LikelihoodWeightedKL
+from .tracing import as_model_data
 
 __all__ = ["FitResult", "fit"]
 
@@ -94,11 +95,7 @@ class FitResult:
         draws = self.draws.with_beta(1.0)
         log_w, _ = psis_log_weights(draws.log_weights)
         idx = torch.multinomial(torch.exp(log_w - log_w.max()), num_samples, replacement=True, generator=generator)
-        latent = draws.latents[idx].to(self.guide.component_loc)
-        return {
-            site["name"]: biject_to(site["fn"].support)(u).reshape((num_samples,) + site["value"].shape)
-            for site, u in self.guide._unpack_latent(latent)
-        }
+        return self.guide.layout.unpack(draws.latents[idx].to(self.guide.component_loc))
 
 
 def fit(
@@ -150,7 +147,9 @@ def fit(
         of the last steps' minibatch noise.
     :param lr: Adam learning rate; each round it decays geometrically to ``lr · lr_decay``.
     :param clip_norm: clip on the global gradient norm.
-    :param seed: seeds Pyro, torch and NumPy (``pyro.set_rng_seed``); ``None`` leaves them.
+    :param seed: the fit runs on torch's RNG seeded with this, and the caller's RNG state is given
+        back afterwards, so the same seed gives the same fit whatever ran before and the executor;
+        ``None`` draws from the caller's stream instead (seed it with ``pyro.set_rng_seed``).
     :param progress: show tqdm bars with the loss and ESS.
     :param loss: a configured :class:`LikelihoodWeightedKL` (its ``num_prior_samples``,
         ``batch_size``, estimator and chunking override the arguments here).
@@ -168,71 +167,91 @@ def fit(
         raise ValueError(f"num_rounds must be a positive integer or 'auto', got {num_rounds!r}")
     if not 0.0 <= defensive < 1.0:
         raise ValueError(f"defensive must be in [0, 1), got {defensive}")
-    if seed is not None:
-        pyro.set_rng_seed(seed)
-    guide = guide if guide is not None else AutoLWFlow(model, num_components=num_components)
-    if device is not None and guide.prototype_trace is None:
-        guide.device = torch.device(device)
-    if guide.prototype_trace is None:
-        pyro.clear_param_store()  # a fresh guide must not pick up stale values by name
-        guide._setup_prototype(*args, **model_kwargs)
-    if num_rounds == "auto":  # the budget covers round 0's prior draws too
-        num_prior_samples = min(num_prior_samples, max_likelihood_evals)
-    loss = loss or LikelihoodWeightedKL(num_prior_samples, batch_size, progress=progress, executor=executor,
-                                        cache_dir=cache_dir)
-    one_shot = num_rounds == 1
-    rounds_limit = max_rounds if num_rounds == "auto" else num_rounds
-    per_round = samples_per_round or loss.num_prior_samples
-    target_ess = ess_fraction * per_round
+    args, model_kwargs = as_model_data(tuple(args)), as_model_data(model_kwargs)
+    with _seeded(seed):
+        guide = guide if guide is not None else AutoLWFlow(model, num_components=num_components)
+        if device is not None and guide.prototype_trace is None:
+            guide.device = torch.device(device)
+        if guide.prototype_trace is None:
+            _forget_params(guide)  # a fresh guide must not pick up stale values of an earlier one by name
+            guide._setup_prototype(*args, **model_kwargs)
+        if num_rounds == "auto":  # the budget covers round 0's prior draws too
+            num_prior_samples = min(num_prior_samples, max_likelihood_evals)
+        loss = loss or LikelihoodWeightedKL(num_prior_samples, batch_size, progress=progress, executor=executor,
+                                            cache_dir=cache_dir)
+        one_shot = num_rounds == 1
+        rounds_limit = max_rounds if num_rounds == "auto" else num_rounds
+        per_round = samples_per_round or loss.num_prior_samples
+        target_ess = ess_fraction * per_round
 
-    adapter = loss.make_adapter(model, guide.prototype_trace, args, model_kwargs)
-    prior = adapter.sample(loss.num_prior_samples, progress=progress)
-    pool = DrawPool(check_weights(prior, loss.min_ess if one_shot else 0.0))
-    evals = len(prior)
-    result = FitResult(guide, pool.draws(), seed=seed, model=model, model_args=args, model_kwargs=model_kwargs)
-    beta = 0.0
-    for r in range(rounds_limit):
-        round_start = time.perf_counter()
-        if r > 0:
-            evals += _draw_round(pool, adapter, guide, per_round, defensive)
-        new_beta = 1.0 if one_shot else max(beta, choose_beta(pool.draws(), target_ess, floor=beta))
-        confirmed = beta == 1.0 and new_beta == 1.0
-        diag = _diagnostics(pool.draws(1.0))
-        if num_rounds == "auto" and confirmed and diag["ess"] >= target_ess and diag["pareto_k"] < 0.7:
-            guide.refit_mixture_weights(pool.draws(1.0))  # the fresh draws sharpen the mode weights
-            result.rounds.append({"round": r, "beta": 1.0, "trained": False, **diag, **_sizes(pool, guide),
-                                  "seconds": time.perf_counter() - round_start})
-            break
-        beta = new_beta
-        draws = pool.draws(beta)
-        loss.set_draws(draws, model_args=(args, model_kwargs))
-        mode_ess = min(_mode_ess(guide.latent_dim), target_ess)
-        _place_components(guide, pool, beta, seed=(seed or 0) + r, mode_ess=mode_ess)
-        _train(loss, model, guide, args, model_kwargs, result, num_steps, lr, lr_decay, clip_norm,
-               progress, desc=f"round {r} (β={beta:.3g})")
-        guide.refit_mixture_weights(draws)
-        result.rounds.append({"round": r, "beta": beta, "trained": True, "ess_at_beta": draws.ess, **diag,
-                              **_sizes(pool, guide), "seconds": time.perf_counter() - round_start})
-        if evals + per_round > max_likelihood_evals and num_rounds == "auto":
-            break
-    result.draws = pool.draws(1.0)
-    result.ess = result.draws.ess
-    result.num_likelihood_evals = evals
-    result.wall_time = time.perf_counter() - start
-    if beta < 1.0:
-        warnings.warn(
-            f"Stopped at likelihood temperature β = {beta:.3g} < 1 (after {evals} likelihood evaluations), so "
-            "the guide fits a tempered posterior. Raise max_likelihood_evals or num_rounds, or samples_per_round.",
-            stacklevel=2,
-        )
-    elif not one_shot and result.rounds[-1]["pareto_k"] > 0.7:
-        warnings.warn(
-            f"The importance weights are unreliable (Pareto k̂ = {result.rounds[-1]['pareto_k']:.2f} > 0.7): the "
-            "evidence and reweighted draws may be off. Try more rounds (max_likelihood_evals), more num_steps, "
-            "or a larger flow (num_transforms, hidden_dims).",
-            stacklevel=2,
-        )
-    return result
+        adapter = loss.make_adapter(model, guide.prototype_trace, args, model_kwargs)
+        prior = adapter.sample(loss.num_prior_samples, progress=progress)
+        pool = DrawPool(check_weights(prior, loss.min_ess if one_shot else 0.0))
+        evals = len(prior)
+        result = FitResult(guide, pool.draws(), seed=seed, model=model, model_args=args, model_kwargs=model_kwargs)
+        beta = 0.0
+        for r in range(rounds_limit):
+            round_start = time.perf_counter()
+            if r > 0:
+                evals += _draw_round(pool, adapter, guide, per_round, defensive)
+            new_beta = 1.0 if one_shot else max(beta, choose_beta(pool.draws(), target_ess, floor=beta))
+            confirmed = beta == 1.0 and new_beta == 1.0
+            diag = _diagnostics(pool.draws(1.0))
+            if num_rounds == "auto" and confirmed and diag["ess"] >= target_ess and diag["pareto_k"] < 0.7:
+                guide.refit_mixture_weights(pool.draws(1.0))  # the fresh draws sharpen the mode weights
+                result.rounds.append({"round": r, "beta": 1.0, "trained": False, **diag, **_sizes(pool, guide),
+                                      "seconds": time.perf_counter() - round_start})
+                break
+            beta = new_beta
+            draws = pool.draws(beta)
+            loss.set_draws(draws, model_args=(args, model_kwargs))
+            mode_ess = min(_mode_ess(guide.latent_dim), target_ess)
+            _place_components(guide, pool, beta, seed=(seed or 0) + r, mode_ess=mode_ess)
+            _train(loss, model, guide, args, model_kwargs, result, num_steps, lr, lr_decay, clip_norm,
+                   progress, desc=f"round {r} (β={beta:.3g})")
+            guide.refit_mixture_weights(draws)
+            result.rounds.append({"round": r, "beta": beta, "trained": True, "ess_at_beta": draws.ess, **diag,
+                                  **_sizes(pool, guide), "seconds": time.perf_counter() - round_start})
+            if evals + per_round > max_likelihood_evals and num_rounds == "auto":
+                break
+        result.draws = pool.draws(1.0)
+        result.ess = result.draws.ess
+        result.num_likelihood_evals = evals
+        result.wall_time = time.perf_counter() - start
+        if beta < 1.0:
+            warnings.warn(
+                f"Stopped at likelihood temperature β = {beta:.3g} < 1 (after {evals} likelihood evaluations), so "
+                "the guide fits a tempered posterior. Raise max_likelihood_evals or num_rounds, or samples_per_round.",
+                stacklevel=2,
+            )
+        elif not one_shot and result.rounds[-1]["pareto_k"] > 0.7:
+            warnings.warn(
+                f"The importance weights are unreliable (Pareto k̂ = {result.rounds[-1]['pareto_k']:.2f} > 0.7): the "
+                "evidence and reweighted draws may be off. Try more rounds (max_likelihood_evals), more num_steps, "
+                "or a larger flow (num_transforms, hidden_dims).",
+                stacklevel=2,
+            )
+        return result
+
+
+@contextmanager
+def _seeded(seed: int | None):
+    """Run with torch's RNG seeded by ``seed`` and give the caller's RNG state back afterwards;
+    ``None`` draws from (and advances) the caller's stream."""
+    if seed is None:
+        yield
+        return
+    with torch.random.fork_rng(devices=list(range(torch.cuda.device_count()))):
+        torch.manual_seed(seed)
+        yield
+
+
+def _forget_params(guide: AutoLWFlow) -> None:
+    """Remove the param store's entries under the guide's name, and only those."""
+    store = pyro.get_param_store()
+    prefix = guide._pyro_name
+    for name in [k for k in store.keys() if k == prefix or k.startswith(prefix + ".")]:
+        del store[name]
 
 
 def _mode_ess(dim: int) -> float:

@@ -7,17 +7,16 @@ from collections.abc import Callable, Sequence
 import pyro
 import pyro.distributions as dist
 import torch
-from pyro.distributions.util import sum_rightmost
 from pyro.infer.autoguide import AutoContinuous
 from pyro.infer.autoguide.initialization import init_to_median
 from pyro.nn import PyroParam, pyro_method
 from pyro.poutine.messenger import Messenger
-from torch.distributions import biject_to, constraints
+from torch.distributions import constraints
 
-from .adapter import latent_sites
 from .coordinates import BoxCoordinates, Standardize, box_coordinates
 from .draws import WeightedDraws
 from .flows import FlowStack, marginal_spline, realnvp
+from .layout import Layout, cannot_sample
 from .modes import GaussianMixtureFit, fit_gaussian_mixture, resample_points, select_num_components
 
 __all__ = ["AutoLWFlow"]
@@ -30,14 +29,6 @@ class _LastSite(Messenger):
 
     def _pyro_sample(self, msg: dict) -> None:
         self.site = msg
-
-
-def _cannot_sample(fn: dist.Distribution) -> bool:
-    try:
-        fn.sample()
-    except NotImplementedError:
-        return True
-    return False
 
 
 class AutoLWFlow(AutoContinuous):
@@ -117,26 +108,26 @@ class AutoLWFlow(AutoContinuous):
                 super()._setup_prototype(*args, **kwargs)
         except NotImplementedError as err:
             site = recorder.site
-            if site is not None and not site["is_observed"] and _cannot_sample(site["fn"]):
+            if site is not None and not site["is_observed"] and cannot_sample(site["fn"]):
                 raise ValueError(
                     f"Latent site '{site['name']}' has an improper prior ({type(site['fn']).__name__}) "
                     "that cannot be sampled; likelihood weighting draws from the prior, so give it "
                     "a proper prior (e.g. dist.Normal(0, 10) or dist.Uniform(low, high))."
                 ) from err
             if self.prototype_trace is not None:
-                latent_sites(self.prototype_trace)  # raises the clearer error, naming the site
+                Layout.from_trace(self.prototype_trace)  # raises the clearer error, naming the site
             raise
         except ValueError:
             if self.prototype_trace is not None:
-                latent_sites(self.prototype_trace)
+                Layout.from_trace(self.prototype_trace)
             raise
-        self.layout = latent_sites(self.prototype_trace)
+        self.layout = Layout.from_trace(self.prototype_trace)
         self.transform = self._new_transform()
         k = 1 if self.num_components == "auto" else self.num_components
         loc = self.to_flow_coordinates(self._init_loc().detach().to(self.device))
         with torch.random.fork_rng(devices=[]):  # a placeholder until initialize(): leave the RNG stream alone
             spread = torch.randn(k, self.latent_dim, dtype=loc.dtype, device=loc.device) if k > 1 else 0.0
-        self._set_mixture(torch.zeros(k), loc + spread, torch.ones(k, self.latent_dim), like=loc)
+        self.set_mixture(torch.zeros(k), loc + spread, torch.ones(k, self.latent_dim), like=loc)
 
     def _new_transform(self) -> FlowStack:
         """Couplings and the marginal spline (starting at the identity), then the fixed maps to
@@ -179,9 +170,11 @@ class AutoLWFlow(AutoContinuous):
         inside bounded supports (see ``box_margin``)."""
         return self._standardize().inv(self._model_units(latents))
 
-    def _set_mixture(
+    def set_mixture(
         self, logits: torch.Tensor, locs: torch.Tensor, scales: torch.Tensor, like: torch.Tensor | None = None
     ) -> None:
+        """Replace the base mixture: ``(K,)`` logits, ``(K, D)`` locations and diagonal scales, in the
+        flow's coordinates (:meth:`to_flow_coordinates`)."""
         like = self.component_loc if like is None else like
         self.mixture_logits = PyroParam(logits.to(like))
         self.component_loc = PyroParam(locs.to(like))
@@ -243,7 +236,7 @@ class AutoLWFlow(AutoContinuous):
             self._standardize().fit_(self._model_units(points))
         fit = mixture if mixture is not None else self.find_modes(draws, seed=seed, num_components=num_components)
         scales = torch.diagonal(fit.covariances, dim1=-2, dim2=-1).sqrt().clamp_min(1e-3)
-        self._set_mixture(fit.weights.log(), fit.means, scales)
+        self.set_mixture(fit.weights.log(), fit.means, scales)
         self.initialized = True
 
     @torch.no_grad()
@@ -333,42 +326,34 @@ class AutoLWFlow(AutoContinuous):
         """
         return self.get_posterior().log_prob(latents)
 
-    def log_density(self, values: dict[str, torch.Tensor]) -> torch.Tensor:
+    def log_density(self, values: dict[str, torch.Tensor] | torch.Tensor) -> torch.Tensor:
         """Exact ``log q`` of constrained site values, Jacobians of the support maps included.
 
-        :param values: ``{site: (*batch, *site_shape)}`` for every latent site.
+        :param values: ``{site: (*batch, *site_shape)}`` for every latent site; for a model with one
+            latent site, its values as a bare tensor also work.
         :returns: ``(*batch,)`` log densities with respect to Lebesgue measure on the
             constrained values.
+        :raises TypeError: for a bare tensor when the model has several latent sites.
         """
         self._require_setup()
-        packed, log_det, batch = [], 0.0, None
-        for site in self.layout:
-            if site.name not in values:
-                raise KeyError(f"log_density needs a value for latent site '{site.name}'")
-            value = torch.as_tensor(values[site.name]).to(self.component_loc)
-            if tuple(value.shape[value.dim() - len(site.shape) :]) != tuple(site.shape):
-                raise ValueError(
-                    f"value for site '{site.name}' has shape {tuple(value.shape)}; its trailing "
-                    f"dimensions must be the site's shape {tuple(site.shape)}"
+        if isinstance(values, torch.Tensor):
+            if len(self.layout) != 1:
+                raise TypeError(
+                    f"log_density got a tensor, but the model has {len(self.layout)} latent sites "
+                    f"({self.layout.names}): pass a dict {{site: values}}."
                 )
-            batch = value.shape[: value.dim() - len(site.shape)]
-            transform = biject_to(self.prototype_trace.nodes[site.name]["fn"].support)
-            u = transform.inv(value)
-            log_det = log_det + sum_rightmost(
-                transform.log_abs_det_jacobian(u, value), transform.log_abs_det_jacobian(u, value).dim() - len(batch)
-            )
-            packed.append(u.reshape(batch + (-1,)))
-        return self.latent_log_prob(torch.cat(packed, -1)) - log_det
+            values = {self.layout[0].name: values}
+        elif not isinstance(values, dict):
+            raise TypeError(f"log_density takes a dict {{site: values}}, got {type(values).__name__}")
+        values = {k: torch.as_tensor(v).to(self.component_loc) for k, v in values.items()}
+        latents, log_det = self.layout.pack(values)
+        return self.latent_log_prob(latents) - log_det
 
     @torch.no_grad()
     def sample_posterior(self, num_samples: int) -> dict[str, torch.Tensor]:
         """``{site: (num_samples, *site_shape)}`` constrained draws, without running the model."""
         self._require_setup()
-        latent = self.get_posterior().sample((num_samples,))
-        return {
-            site["name"]: biject_to(site["fn"].support)(u).reshape((num_samples,) + site["value"].shape)
-            for site, u in self._unpack_latent(latent)
-        }
+        return self.layout.unpack(self.get_posterior().sample((num_samples,)))
 
     @torch.no_grad()
     def quantiles(self, quantiles, *args, num_samples: int = 10_000, **kwargs) -> dict[str, torch.Tensor]:

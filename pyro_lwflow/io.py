@@ -126,7 +126,7 @@ def load(path: str | os.PathLike, model: Callable, *model_args, **model_kwargs) 
     if any(t is None for t in shapes):
         raise ValueError(f"'{path}' has no mixture parameters; it was not saved from an AutoLWFlow")
     # the saved K (and shapes), whatever the set-up chose; the values come from the state_dict
-    guide._set_mixture(torch.zeros(shapes[0].shape), torch.zeros(shapes[1].shape), torch.ones(shapes[2].shape))
+    guide.set_mixture(torch.zeros(shapes[0].shape), torch.zeros(shapes[1].shape), torch.ones(shapes[2].shape))
     try:
         guide.load_state_dict(state, strict=True)
     except (RuntimeError, KeyError) as err:
