@@ -191,7 +191,9 @@ def _fit(args: argparse.Namespace) -> int:
     except (ValueError, TypeError, RuntimeError, NotImplementedError, KeyError) as err:
         raise UsageError(f"fitting '{args.model}' failed: {_one_line(err)}") from None
     idata.to_netcdf(str(out / "posterior.nc"))
-    az.summary(idata).to_csv(out / "summary.csv")
+    with warnings.catch_warnings():  # R-hat of a constant element (a Cholesky factor's corner) is 0 / 0
+        warnings.filterwarnings("ignore", "invalid value encountered", RuntimeWarning)
+        az.summary(idata).to_csv(out / "summary.csv")
     save(result, out / "guide.lwflow")
     samples = {k: v.values.reshape((-1,) + v.shape[2:]) for k, v in idata.posterior.data_vars.items()}
     truth = getattr(model, "truth", None)

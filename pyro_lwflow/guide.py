@@ -357,14 +357,19 @@ class AutoLWFlow(AutoContinuous):
 
     @torch.no_grad()
     def quantiles(self, quantiles, *args, num_samples: int = 10_000, **kwargs) -> dict[str, torch.Tensor]:
-        """Monte Carlo quantiles of each site: ``{site: (len(quantiles), *site_shape)}``."""
+        """Monte Carlo quantiles of each site: ``{site: (len(quantiles), *site_shape)}``.
+
+        As in Pyro's ``AutoContinuous``, the quantiles are taken coordinate by coordinate in the
+        unconstrained space and mapped to the support, so each is a valid value of its site (a
+        point on the simplex, a Cholesky factor); for elementwise supports (real, positive,
+        intervals) they are the quantiles of the constrained values themselves.
+        """
         if self.prototype_trace is None:
             self._setup_prototype(*args, **kwargs)
-        q = torch.as_tensor(quantiles, dtype=torch.float64)
-        return {
-            name: torch.quantile(s.double(), q.to(s.device), dim=0).to(s.dtype)
-            for name, s in self.sample_posterior(num_samples).items()
-        }
+        self._require_setup()
+        latents = self.get_posterior().sample((num_samples,)).double()
+        q = torch.as_tensor(quantiles, dtype=torch.float64, device=latents.device)
+        return self.layout.unpack(torch.quantile(latents, q, dim=0).to(self.component_loc))
 
     @torch.no_grad()
     def median(self, *args, num_samples: int = 10_000, **kwargs) -> dict[str, torch.Tensor]:
