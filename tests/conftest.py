@@ -2,6 +2,11 @@ import pyro
 import pytest
 import torch
 
+# One intra-op thread for the whole session, set once: the suite's networks and batches are small,
+# and on a shared 2-core machine two threads per process oversubscribe the cores (a busy CI box ran
+# far slower with 2 than with 1).
+torch.set_num_threads(1)
+
 
 @pytest.fixture(autouse=True)
 def _pyro_state():
@@ -9,6 +14,5 @@ def _pyro_state():
     pyro.clear_param_store()
     pyro.enable_validation(True)
     pyro.set_rng_seed(0)
-    torch.set_num_threads(2)
     yield
     pyro.clear_param_store()

@@ -95,3 +95,40 @@ def test_marginal_spline_starts_at_identity_and_inverts(dim):
     x = x.clone().requires_grad_(True)
     (slope,) = torch.autograd.grad(spline(x).sum(), x)
     assert torch.allclose(spline.log_abs_det_jacobian(x, y), slope.abs().log(), atol=1e-6)
+
+
+def test_whole_guide_transform_inverts_and_has_the_autograd_log_det():
+    """Contract of the guide's full map from the base to Pyro's unconstrained coordinates:
+    couplings, marginal spline, Standardize and BoxCoordinates, all away from the identity."""
+    import pyro
+    import pyro.distributions as dist
+
+    from pyro_lwflow import AutoLWFlow
+    from pyro_lwflow.coordinates import BoxCoordinates, Standardize
+
+    def model():
+        a = pyro.sample("a", dist.Uniform(-3.0, 5.0).expand([2]).to_event(1))  # bounded: box coordinates
+        b = pyro.sample("b", dist.Normal(0.0, 2.0))  # unbounded: passes through the box map
+        pyro.factor("lik", -(a - 1).pow(2).sum() - b**2)
+
+    guide = AutoLWFlow(model, num_components=2, num_transforms=3, hidden_dims=(16,), marginal_bins=8)
+    guide()
+    transform = guide.get_transform()
+    kinds = {type(p).__name__ for p in transform.parts}
+    assert {"AffineCoupling", "Spline", "Standardize", "BoxCoordinates"} <= kinds
+    box = next(p for p in transform.parts if isinstance(p, BoxCoordinates))
+    assert box.mask.tolist() == [True, True, False]
+    torch.manual_seed(3)
+    _randomise(transform)  # every coupling and spline parameter off the identity
+    next(p for p in transform.parts if isinstance(p, Standardize)).fit_(
+        torch.randn(500, 3) * torch.tensor([2.0, 0.5, 3.0]) + torch.tensor([1.0, -2.0, 0.5])
+    )
+    transform = transform.double()
+    x = torch.randn(40, 3, dtype=torch.float64) * 1.5  # spline interior and beyond its ±4 bound
+    z = transform(x)
+    assert torch.isfinite(z).all() and not torch.allclose(z, x, atol=1e-1)
+    assert torch.allclose(transform.inv(z.detach().clone()), x, atol=1e-4)
+    ladj = transform.log_abs_det_jacobian(x, z)
+    for i in range(10):
+        jac = jacobian(lambda v: transform(v.unsqueeze(0)).squeeze(0), x[i].clone())
+        assert torch.allclose(ladj[i], torch.linalg.slogdet(jac).logabsdet, atol=1e-3)
