@@ -366,11 +366,6 @@ def _check_observed_data(trace: poutine.Trace, observed: list[str]) -> None:
         if site["infer"].get("is_auxiliary"):  # a pyro.factor: its value is the log-likelihood itself
             continue
         value = site["value"]
-        if not isinstance(value, torch.Tensor):
-            raise ValueError(
-                f"The data observed at site '{name}' is a {type(value).__name__}, not a tensor; pass "
-                f"obs=torch.as_tensor(...) there."
-            )
         if value.is_floating_point() and not torch.isfinite(value).all():
             nan, inf = int(torch.isnan(value).sum()), int(torch.isinf(value).sum())
             raise ValueError(
@@ -486,6 +481,11 @@ def _compute_log_prob(trace: poutine.Trace) -> None:
     for name, site in trace.nodes.items():
         if site["type"] != "sample":
             continue
+        if site["is_observed"] and not isinstance(site["value"], torch.Tensor):
+            raise ValueError(
+                f"The data observed at site '{name}' is a {type(site['value']).__name__}, not a tensor; pass "
+                "obs=torch.as_tensor(...) there."
+            )
         try:
             trace.compute_log_prob(site_filter=lambda n, _s, name=name: n == name)
         except (RuntimeError, ValueError) as err:
