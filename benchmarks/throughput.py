@@ -75,7 +75,7 @@ def data(dim: int = DIM, seed: int = 0) -> torch.Tensor:
 
 def adapter_for(model, y, **kwargs) -> PriorAdapter:
     guide = AutoLWFlow(model, num_components=1)
-    guide._setup_prototype(y)
+    guide.setup(y)
     return PriorAdapter(model, guide.prototype_trace, (y,), **kwargs)
 
 

@@ -78,7 +78,7 @@ def to_arviz(
     if num_chains < 1 or num_samples < num_chains:
         raise ValueError(f"need num_samples >= num_chains >= 1, got {num_samples} and {num_chains}")
     guide = result.guide
-    guide._require_setup()
+    guide.require_setup()
     model = model or result.model
     if model is None:
         raise ValueError("to_arviz needs the model: pass model= (and model_args=) or use a result of fit()")

@@ -174,7 +174,7 @@ def fit(
             guide.device = torch.device(device)
         if guide.prototype_trace is None:
             _forget_params(guide)  # a fresh guide must not pick up stale values of an earlier one by name
-            guide._setup_prototype(*args, **model_kwargs)
+            guide.setup(*args, **model_kwargs)
         if num_rounds == "auto":  # the budget covers round 0's prior draws too
             num_prior_samples = min(num_prior_samples, max_likelihood_evals)
         loss = loss or LikelihoodWeightedKL(num_prior_samples, batch_size, progress=progress, executor=executor,

@@ -364,9 +364,7 @@ class AutoLWFlow(AutoContinuous):
         point on the simplex, a Cholesky factor); for elementwise supports (real, positive,
         intervals) they are the quantiles of the constrained values themselves.
         """
-        if self.prototype_trace is None:
-            self._setup_prototype(*args, **kwargs)
-        self._require_setup()
+        self.setup(*args, **kwargs)
         latents = self.get_posterior().sample((num_samples,)).double()
         q = torch.as_tensor(quantiles, dtype=torch.float64, device=latents.device)
         return self.layout.unpack(torch.quantile(latents, q, dim=0).to(self.component_loc))
@@ -375,6 +373,17 @@ class AutoLWFlow(AutoContinuous):
     def median(self, *args, num_samples: int = 10_000, **kwargs) -> dict[str, torch.Tensor]:
         """Monte Carlo posterior median of each site: ``{site: site_shape}``."""
         return {k: v[0] for k, v in self.quantiles([0.5], *args, num_samples=num_samples, **kwargs).items()}
+
+    def setup(self, *args, **kwargs) -> AutoLWFlow:
+        """Trace the model once on its data (``model(*args, **kwargs)``), if not done yet: the
+        prototype trace fixes the latent sites, their shapes and supports. Returns the guide."""
+        if self.prototype_trace is None:
+            self._setup_prototype(*args, **kwargs)
+        return self
+
+    def require_setup(self) -> None:
+        """Raise a clear error if the guide has not seen the model yet."""
+        self._require_setup()
 
     def _require_setup(self) -> None:
         if self.prototype_trace is None:

@@ -118,7 +118,7 @@ def load(path: str | os.PathLike, model: Callable, *model_args, **model_kwargs) 
         box_margin=config.get("box_margin"),
     )
     with torch.random.fork_rng(devices=[]):  # set-up draws initial values; leave the user's RNG alone
-        guide._setup_prototype(*model_args, **model_kwargs)
+        guide.setup(*model_args, **model_kwargs)
     sites = {s.name: list(s.shape) for s in guide.layout}
     if "sites" in config and config["sites"] != sites:
         raise ValueError(f"'{path}' was saved for latent sites {config['sites']}, but this model has {sites}")

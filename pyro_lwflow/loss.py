@@ -81,7 +81,7 @@ class LikelihoodWeightedKL(ELBO):
         """Draw and weight the prior draws (once per distinct model arguments) and place the
         guide's mixture components on them the first time."""
         if guide.prototype_trace is None:
-            guide._setup_prototype(*args, **kwargs)
+            guide.setup(*args, **kwargs)
         if self.draws is None or not _same_args(self._args_seen, (args, kwargs)):
             adapter = self.make_adapter(model, guide.prototype_trace, args, kwargs)
             draws = adapter.sample(self.num_prior_samples, progress=self.progress)

@@ -371,7 +371,8 @@ def _check_observed_data(trace: poutine.Trace, observed: list[str]) -> None:
             raise ValueError(
                 f"The data observed at site '{name}' hold {nan} NaN and {inf} infinite values (of "
                 f"{value.numel()}), so every draw's likelihood would be NaN. Drop those points, or fill "
-                f"them and mask them out: obs=y.nan_to_num() with dist.….mask(torch.isfinite(y))."
+                f"them and mask them out: pyro.sample('{name}', dist.Normal(...).mask(torch.isfinite(y)), "
+                "obs=y.nan_to_num())."
             )
 
 

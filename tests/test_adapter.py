@@ -14,7 +14,7 @@ from .toy_models import example_y, factor_model, scale_model
 
 def _adapter(model, *args):
     guide = AutoLWFlow(model)
-    guide._setup_prototype(*args)
+    guide.setup(*args)
     return PriorAdapter(model, guide.prototype_trace, args)
 
 
@@ -89,7 +89,7 @@ def test_evaluate_reproduces_the_draws():
 def test_memory_is_chunked():
     target = torch.zeros(2)
     guide = AutoLWFlow(factor_model)
-    guide._setup_prototype(target)
+    guide.setup(target)
     adapter = PriorAdapter(factor_model, guide.prototype_trace, (target,), chunk_size=1000)
     draws = adapter.sample(3500)
     assert len(draws) == 3500 and draws.latents.dtype == torch.float32

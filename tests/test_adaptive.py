@@ -101,7 +101,7 @@ def test_modes_are_counted_on_sharper_draws_than_the_training_temperature():
     pyro.set_rng_seed(0)
     model = load_model(BUNDLED_MODELS / "paper_targets.py:non_gaussian_3d")
     guide = AutoLWFlow(model)
-    guide._setup_prototype()
+    guide.setup()
     prior = LikelihoodWeightedKL(progress=False).make_adapter(model, guide.prototype_trace, (), {}).sample(100_000)
     pool = DrawPool(prior)
     beta = choose_beta(pool.draws(1.0), 25_000)

@@ -94,7 +94,7 @@ def test_a_vectorised_chunk_that_raises_is_named_and_the_others_kept():
         pyro.factor("loglik", -0.5 * x**2)
 
     guide = AutoLWFlow(model)
-    guide._setup_prototype()
+    guide.setup()
     loss = LikelihoodWeightedKL(num_prior_samples=20_000, chunk_size=2000, retries=0)
     with pytest.raises(ChunkFailedError, match=r"chunk \d+ \(draws \d+–\d+\) failed 1 time.*out of the table"):
         loss.prepare(model, guide)

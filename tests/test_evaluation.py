@@ -37,7 +37,7 @@ def _reset_counter():
 
 def _adapter(model, *args, **kwargs):
     guide = AutoLWFlow(model)
-    guide._setup_prototype(*args)
+    guide.setup(*args)
     return PriorAdapter(model, guide.prototype_trace, args, chunk_size=CHUNK, **kwargs)
 
 
@@ -147,7 +147,7 @@ def test_loss_and_fit_pass_the_executor_down():
         loss = LikelihoodWeightedKL(num_prior_samples=2000, chunk_size=500, executor=pool, seed=11)
         draws = loss.prepare(factor_model, AutoLWFlow(factor_model, num_components=1), TARGET)
         guide = AutoLWFlow(factor_model)
-        guide._setup_prototype(TARGET)
+        guide.setup(TARGET)
         reference = PriorAdapter(factor_model, guide.prototype_trace, (TARGET,), chunk_size=500).sample(2000, seed=11)
         assert len(draws) == 2000 and loss.num_likelihood_evals == 2000
         _assert_identical(draws, reference)  # the pool ran the same chunks the in-process run does
