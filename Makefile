@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 
-.PHONY: demo test lint bench-paper clean
+.PHONY: demo test lint docs bench-paper clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -25,5 +25,13 @@ bench-paper: $(VENV)/.installed   ## the paper's tables and figures, ours vs nor
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
 
+$(VENV)/.docs-installed: $(VENV)/.installed
+	$(PIP) install -e ".[docs]"
+	touch $@
+
+docs: $(VENV)/.docs-installed   ## the documentation site (API, tutorials, benchmark results); warnings are errors
+	$(VENV)/bin/sphinx-build -W --keep-going -q -b html docs docs/_build/html
+	@echo "open docs/_build/html/index.html"
+
 clean:
-	rm -rf $(VENV) demo_output .pytest_cache
+	rm -rf $(VENV) demo_output .pytest_cache docs/_build docs/api docs/tutorials docs/benchmarks docs/CHANGELOG.md

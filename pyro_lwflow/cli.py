@@ -368,7 +368,8 @@ def _models() -> int:
         extras = [a for a in ("truth", "example_data") if hasattr(fn, a)]
         note = f"  [{', '.join('.' + a for a in extras)}]" if extras else ""
         print(f"{name:<{width}}  {doc[0] if doc else ''}{note}")
-    print(f"(in {BUNDLED_MODELS}; fit one with: lwflow fit FILE.py:FUNCTION, e.g. lwflow fit paper_targets.py:three_mode_2d)")
+    print(f"(in {BUNDLED_MODELS}; fit one with: lwflow fit FILE.py:FUNCTION, "
+          "e.g. lwflow fit paper_targets.py:three_mode_2d)")
     return 0
 
 
