@@ -16,6 +16,7 @@ import torch
 from pyro import poutine
 from tqdm.auto import tqdm
 
+from . import modes
 from .adapter import PriorAdapter
 from .adaptive import DrawPool, Proposal, choose_beta
 from .diagnostics import check_weights, pareto_k, psis_log_weights
@@ -26,8 +27,6 @@ from .tracing import as_model_data
 
 __all__ = ["FitResult", "fit"]
 
-MODE_ESS = 2_000  # effective draws the mode count is estimated from, at least (see _place_components)
-MODE_ESS_PER_PARAMETER = 50  # ... and at least this many per parameter of one full-covariance component
 EMA_DECAY = 0.99  # of the parameter average training leaves behind (see _train)
 
 
@@ -205,8 +204,8 @@ def fit(
             beta = new_beta
             draws = pool.draws(beta)
             loss.set_draws(draws, model_args=(args, model_kwargs))
-            mode_ess = min(_mode_ess(guide.latent_dim), target_ess)
-            _place_components(guide, pool, beta, seed=(seed or 0) + r, mode_ess=mode_ess)
+            mode_ess = min(modes.mode_ess(guide.latent_dim), target_ess)
+            modes.place_components(guide, pool, beta, seed=(seed or 0) + r, mode_ess=mode_ess)
             _train(loss, model, guide, args, model_kwargs, result, num_steps, lr, lr_decay, clip_norm,
                    progress, desc=f"round {r} (β={beta:.3g})")
             guide.refit_mixture_weights(draws)
@@ -252,30 +251,6 @@ def _forget_params(guide: AutoLWFlow) -> None:
     prefix = guide._pyro_name
     for name in [k for k in store.keys() if k == prefix or k.startswith(prefix + ".")]:
         del store[name]
-
-
-def _mode_ess(dim: int) -> float:
-    """Effective draws to count modes on in ``dim`` dimensions: enough that EM's full-covariance
-    components (``dim (dim + 3) / 2`` parameters each) do not split one mode into several."""
-    return max(MODE_ESS, MODE_ESS_PER_PARAMETER * dim * (dim + 3) / 2)
-
-
-def _place_components(guide: AutoLWFlow, pool: DrawPool, beta: float, seed: int, mode_ess: float) -> None:
-    """Start the mixture on the modes of the draws at temperature ``beta``.
-
-    With ``"auto"``, the modes are counted each round on the sharpest draws that still have
-    ``mode_ess`` effective draws (tempering flattens modes: at β ≈ 0.3 a Student-t mixture's
-    modes melt into one plateau), and the flow restarts when the count changes.
-    """
-    draws = pool.draws(beta)
-    k = None
-    if guide.num_components == "auto":
-        sharp = choose_beta(pool.draws(1.0), mode_ess, floor=beta)
-        k = guide.count_modes(pool.draws(sharp), seed=seed)
-    if not guide.initialized:
-        guide.initialize(draws, seed=seed, num_components=k)
-    elif k is not None and k != guide.mixture_logits.shape[0]:
-        guide.reset(draws, seed=seed, num_components=k)
 
 
 def _draw_round(pool: DrawPool, adapter: PriorAdapter, guide: AutoLWFlow, num: int, defensive: float) -> int:

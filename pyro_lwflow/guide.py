@@ -17,7 +17,7 @@ from .coordinates import BoxCoordinates, Standardize, box_coordinates
 from .draws import WeightedDraws
 from .flows import FlowStack, marginal_spline, realnvp
 from .layout import Layout, cannot_sample
-from .modes import GaussianMixtureFit, fit_gaussian_mixture, resample_points, select_num_components
+from .modes import GaussianMixtureFit, find_modes, resample_points
 
 __all__ = ["AutoLWFlow"]
 
@@ -149,10 +149,12 @@ class AutoLWFlow(AutoContinuous):
             n -= 1
         return parts[n:]
 
-    def _standardize(self) -> Standardize:
+    @property
+    def standardize(self) -> Standardize:
+        """The fixed affine map that standardises the flow's coordinates (fitted on the first draws)."""
         return next(p for p in self._fixed_parts() if isinstance(p, Standardize))
 
-    def _model_units(self, latents: torch.Tensor) -> torch.Tensor:
+    def model_units(self, latents: torch.Tensor) -> torch.Tensor:
         """Packed unconstrained latents ``(..., D)`` → linear in θ inside bounded supports (see
         ``box_margin``), before standardising."""
         for part in reversed(self._fixed_parts()):
@@ -160,15 +162,11 @@ class AutoLWFlow(AutoContinuous):
                 latents = part.inv(latents)
         return latents
 
-    def _resampled_model_units(self, draws: WeightedDraws, num_points: int, gen: torch.Generator) -> torch.Tensor:
-        """``(M, D)`` draws resampled by weight (:func:`resample_points`), in model units, on the CPU."""
-        return self._model_units(resample_points(draws, num_points, gen).to(self.component_loc)).cpu()
-
     def to_flow_coordinates(self, latents: torch.Tensor) -> torch.Tensor:
         """Packed unconstrained latents ``(..., D)`` → the coordinates the couplings output and the
         mixture starts in: standardised (mean 0, spread 1 over the posterior), and linear in θ
         inside bounded supports (see ``box_margin``)."""
-        return self._standardize().inv(self._model_units(latents))
+        return self.standardize.inv(self.model_units(latents))
 
     def set_mixture(
         self, logits: torch.Tensor, locs: torch.Tensor, scales: torch.Tensor, like: torch.Tensor | None = None
@@ -181,39 +179,6 @@ class AutoLWFlow(AutoContinuous):
         self.component_scale = PyroParam(scales.to(like), constraint=constraints.positive)
 
     @torch.no_grad()
-    def count_modes(self, draws: WeightedDraws, num_points: int = 5_000, seed: int = 0) -> int:
-        """Estimate the number of posterior modes in the weighted draws.
-
-        EM with k-means++ restarts for ``K = 1 … max_components`` on ``num_points`` draws resampled
-        by weight; ``K`` by BIC, then components with no density dip between them merged. The
-        candidates' BIC is kept in :attr:`component_scores`.
-        """
-        y = self._resampled_model_units(draws, num_points, torch.Generator().manual_seed(seed))
-        fit, self.component_scores = select_num_components(y, self.max_components, torch.Generator().manual_seed(seed))
-        return fit.num_components
-
-    @torch.no_grad()
-    def find_modes(
-        self, draws: WeightedDraws, num_points: int = 5_000, seed: int = 0, num_components: int | None = None
-    ) -> GaussianMixtureFit:
-        """A Gaussian mixture on the weighted draws, one component per mode, in the flow's coordinates.
-
-        Resamples ``num_points`` draws in proportion to their weights and fits a mixture by EM
-        (k-means++ seeding) with ``num_components`` components: by default the guide's own, or
-        :meth:`count_modes`'s estimate when that is ``"auto"``.
-        """
-        if num_components is None:
-            auto = self.num_components == "auto"
-            num_components = self.count_modes(draws, num_points, seed) if auto else self.num_components
-        gen = torch.Generator().manual_seed(seed)
-        # EM before standardising: a per-coordinate rescaling would shrink the axis the modes are
-        # spread along to the spread of the others, and separated modes would be found less often
-        y = self._resampled_model_units(draws, num_points, gen)
-        fit = fit_gaussian_mixture(y, num_components, generator=gen)
-        standardize = self._standardize()
-        return fit.standardized(standardize.loc.cpu(), standardize.scale.cpu())
-
-    @torch.no_grad()
     def initialize(
         self,
         draws: WeightedDraws,
@@ -221,8 +186,8 @@ class AutoLWFlow(AutoContinuous):
         seed: int = 0,
         num_components: int | None = None,
     ) -> None:
-        """Place the base components on the modes of the weighted draws (:meth:`find_modes`, with
-        ``num_components`` if given).
+        """Place the base components on the modes of the weighted draws
+        (:func:`~pyro_lwflow.modes.find_modes`, with ``num_components`` if given), or on ``mixture``.
 
         Each component's weight, mean and diagonal scale come from the fitted mixture, so each
         starts on its own mode; the coupling layers are left as they are (the identity when new).
@@ -233,8 +198,8 @@ class AutoLWFlow(AutoContinuous):
             raise RuntimeError("call the guide (or LikelihoodWeightedKL) on the model's data first")
         if not self.initialized and mixture is None:  # once: later mixtures live in these coordinates
             points = resample_points(draws, 5_000, torch.Generator().manual_seed(seed)).to(self.component_loc)
-            self._standardize().fit_(self._model_units(points))
-        fit = mixture if mixture is not None else self.find_modes(draws, seed=seed, num_components=num_components)
+            self.standardize.fit_(self.model_units(points))
+        fit = mixture if mixture is not None else find_modes(self, draws, seed=seed, num_components=num_components)
         scales = torch.diagonal(fit.covariances, dim1=-2, dim2=-1).sqrt().clamp_min(1e-3)
         self.set_mixture(fit.weights.log(), fit.means, scales)
         self.initialized = True

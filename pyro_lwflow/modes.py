@@ -1,15 +1,38 @@
-"""Finding the posterior's modes in weighted draws and placing mixture components on them."""
+"""Finding the posterior's modes in weighted draws and placing the guide's mixture components on them.
+
+The whole policy lives here: EM for Gaussian mixtures, counting modes (BIC, then merging components
+with no density dip between them), how many effective draws a count needs, and when a fit's rounds
+place the components (:func:`place_components`). The guide only offers its coordinate maps and
+:meth:`~pyro_lwflow.AutoLWFlow.initialize` / :meth:`~pyro_lwflow.AutoLWFlow.reset`.
+"""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import torch
 
+from .adaptive import DrawPool, choose_beta
 from .draws import WeightedDraws
 
-__all__ = ["GaussianMixtureFit", "fit_gaussian_mixture", "kmeans_plus_plus", "select_num_components"]
+if TYPE_CHECKING:
+    from .guide import AutoLWFlow
+
+__all__ = [
+    "GaussianMixtureFit",
+    "count_modes",
+    "find_modes",
+    "fit_gaussian_mixture",
+    "kmeans_plus_plus",
+    "mode_ess",
+    "place_components",
+    "select_num_components",
+]
+
+MODE_ESS = 2_000  # effective draws the mode count is estimated from, at least (see place_components)
+MODE_ESS_PER_PARAMETER = 50  # ... and at least this many per parameter of one full-covariance component
 
 
 @dataclass
@@ -165,3 +188,67 @@ def resample_points(draws: WeightedDraws, num: int, generator: torch.Generator |
     """
     num = max(min(num, int(draws.ess)), 2)
     return draws.latents[draws.resample_indices(num, generator)].double()
+
+
+def _resampled_model_units(guide: AutoLWFlow, draws: WeightedDraws, num_points: int,
+                           gen: torch.Generator) -> torch.Tensor:
+    """``(M, D)`` draws resampled by weight (:func:`resample_points`), in the guide's model units, on the CPU."""
+    return guide.model_units(resample_points(draws, num_points, gen).to(guide.component_loc)).cpu()
+
+
+@torch.no_grad()
+def count_modes(guide: AutoLWFlow, draws: WeightedDraws, num_points: int = 5_000, seed: int = 0) -> int:
+    """Estimate the number of posterior modes in the weighted draws.
+
+    EM with k-means++ restarts for ``K = 1 … guide.max_components`` on ``num_points`` draws resampled
+    by weight, in the guide's model units; ``K`` by BIC, then components with no density dip
+    between them merged. The candidates' BIC is kept in ``guide.component_scores``.
+    """
+    y = _resampled_model_units(guide, draws, num_points, torch.Generator().manual_seed(seed))
+    fit, guide.component_scores = select_num_components(y, guide.max_components, torch.Generator().manual_seed(seed))
+    return fit.num_components
+
+
+@torch.no_grad()
+def find_modes(
+    guide: AutoLWFlow, draws: WeightedDraws, num_points: int = 5_000, seed: int = 0, num_components: int | None = None
+) -> GaussianMixtureFit:
+    """A Gaussian mixture on the weighted draws, one component per mode, in the guide's flow coordinates.
+
+    Resamples ``num_points`` draws in proportion to their weights and fits a mixture by EM
+    (k-means++ seeding) with ``num_components`` components: by default the guide's own, or
+    :func:`count_modes`'s estimate when that is ``"auto"``.
+    """
+    if num_components is None:
+        auto = guide.num_components == "auto"
+        num_components = count_modes(guide, draws, num_points, seed) if auto else guide.num_components
+    gen = torch.Generator().manual_seed(seed)
+    # EM before standardising: a per-coordinate rescaling would shrink the axis the modes are
+    # spread along to the spread of the others, and separated modes would be found less often
+    y = _resampled_model_units(guide, draws, num_points, gen)
+    fit = fit_gaussian_mixture(y, num_components, generator=gen)
+    return fit.standardized(guide.standardize.loc.cpu(), guide.standardize.scale.cpu())
+
+
+def mode_ess(dim: int) -> float:
+    """Effective draws to count modes on in ``dim`` dimensions: enough that EM's full-covariance
+    components (``dim (dim + 3) / 2`` parameters each) do not split one mode into several."""
+    return max(MODE_ESS, MODE_ESS_PER_PARAMETER * dim * (dim + 3) / 2)
+
+
+def place_components(guide: AutoLWFlow, pool: DrawPool, beta: float, seed: int, mode_ess: float) -> None:
+    """Start the mixture on the modes of the pooled draws at temperature ``beta`` (a round of fit).
+
+    With ``"auto"``, the modes are counted each round on the sharpest draws that still have
+    ``mode_ess`` effective draws (tempering flattens modes: at β ≈ 0.3 a Student-t mixture's
+    modes melt into one plateau), and the flow restarts when the count changes.
+    """
+    draws = pool.draws(beta)
+    k = None
+    if guide.num_components == "auto":
+        sharp = choose_beta(pool.draws(1.0), mode_ess, floor=beta)
+        k = count_modes(guide, pool.draws(sharp), seed=seed)
+    if not guide.initialized:
+        guide.initialize(draws, seed=seed, num_components=k)
+    elif k is not None and k != guide.mixture_logits.shape[0]:
+        guide.reset(draws, seed=seed, num_components=k)

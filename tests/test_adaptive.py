@@ -95,8 +95,8 @@ def test_modes_are_counted_on_sharper_draws_than_the_training_temperature():
     # three Student-t modes in a wide box: at β ≈ 0.25 their heavy tails melt into one plateau,
     # so counting on the training draws would start (and later restart) the flow with one component
     from pyro_lwflow import AutoLWFlow, LikelihoodWeightedKL
-    from pyro_lwflow.fit import _mode_ess, _place_components
     from pyro_lwflow.model_files import BUNDLED_MODELS, load_model
+    from pyro_lwflow.modes import count_modes, mode_ess, place_components
 
     pyro.set_rng_seed(0)
     model = load_model(BUNDLED_MODELS / "paper_targets.py:non_gaussian_3d")
@@ -106,6 +106,6 @@ def test_modes_are_counted_on_sharper_draws_than_the_training_temperature():
     pool = DrawPool(prior)
     beta = choose_beta(pool.draws(1.0), 25_000)
     assert beta < 0.5
-    assert guide.count_modes(pool.draws(beta)) == 1
-    _place_components(guide, pool, beta, seed=0, mode_ess=_mode_ess(3))
+    assert count_modes(guide, pool.draws(beta)) == 1
+    place_components(guide, pool, beta, seed=0, mode_ess=mode_ess(3))
     assert guide.mixture_logits.shape[0] == 3

@@ -7,6 +7,7 @@ from torch.distributions import biject_to, constraints
 
 from pyro_lwflow import AutoLWFlow, LikelihoodWeightedKL
 from pyro_lwflow.coordinates import BoxCoordinates, Standardize, box_coordinates
+from pyro_lwflow.modes import find_modes
 
 LOW, HIGH = torch.tensor([-12.0, 0.0, 0.0]), torch.tensor([12.0, 1.0, 1.0])
 MASK = torch.tensor([True, True, False])
@@ -112,11 +113,11 @@ def test_guide_modes_are_found_in_model_units_and_kept_across_a_reset():
     guide = AutoLWFlow(model, num_components=3)
     loss = LikelihoodWeightedKL(num_prior_samples=100_000)
     loss.prepare(model, guide)
-    standardize = guide._standardize()
+    standardize = guide.standardize
     with torch.no_grad():
         centres = standardize(guide.component_loc)[:, 0].sort().values  # in model units (interior: θ)
     assert torch.allclose(centres, torch.tensor([-6.0, 0.0, 6.0]), atol=0.4)
     assert 4.0 < float(standardize.scale[0]) < 6.0  # the spread of x across its three modes
     before = standardize.state_dict()
-    guide.reset(loss.draws, guide.find_modes(loss.draws))
-    assert all(torch.equal(v, guide._standardize().state_dict()[k]) for k, v in before.items())
+    guide.reset(loss.draws, find_modes(guide, loss.draws))
+    assert all(torch.equal(v, guide.standardize.state_dict()[k]) for k, v in before.items())
