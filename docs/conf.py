@@ -53,12 +53,7 @@ autodoc_inherit_docstrings = False  # Pyro's and torch's own docstrings are not 
 # The docstrings use reST field lists (":param x:"); napoleon only adds Google-style sections.
 napoleon_numpy_docstring = False
 
-suppress_warnings = [
-    # Pyro's and torch's type hints name classes this site does not document.
-    "ref.class",
-    "ref.obj",
-]
-nitpicky = False
+nitpicky = False  # Pyro's and torch's classes in the type hints are not documented here
 
 
 # -- docstring work-arounds -------------------------------------------------------------------
