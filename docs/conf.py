@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
-import re
 import shutil
 import sys
 from pathlib import Path
@@ -54,44 +53,6 @@ autodoc_inherit_docstrings = False  # Pyro's and torch's own docstrings are not 
 napoleon_numpy_docstring = False
 
 nitpicky = False  # Pyro's and torch's classes in the type hints are not documented here
-
-
-# -- docstring work-arounds -------------------------------------------------------------------
-# Docstrings that docutils rejects, fixed here at render time until the module is fixed itself:
-# * pyro_lwflow.arviz: its module docstring's two-column table has a first-column entry
-#   (``sample_stats_prior``) one character wider than the column ("Malformed table").
-
-_BORDER = re.compile(r"^(\s*)(=+)(\s+)(=+)\s*$")
-
-
-def _widen_simple_tables(lines: list[str]) -> None:
-    """Widen the first column of two-column reST simple tables to fit their widest entry, in place."""
-    borders = [i for i, line in enumerate(lines) if _BORDER.match(line)]
-    for start, end in zip(borders[::2], borders[1::2], strict=False):
-        indent, first, gap, second = _BORDER.match(lines[start]).groups()
-        rows = [i for i in range(start + 1, end) if lines[i].strip()]
-        # an entry is the first column's text plus whatever runs on past its edge without a space
-        entry = re.compile(rf"^{re.escape(indent)}(.{{0,{len(first)}}}\S*)\s*(.*)$")
-        split = {i: entry.match(lines[i]).groups() for i in rows if lines[i][len(indent):][:1].strip()}
-        width = max([len(first)] + [len(e.rstrip()) for e, _ in split.values()])
-        if width == len(first):
-            continue
-        for i in rows:
-            if i in split:
-                head, rest = split[i]
-                lines[i] = indent + head.rstrip().ljust(width) + gap + rest
-            else:  # continuation of the second column
-                lines[i] = " " * (width - len(first)) + lines[i]
-        for i in (start, end):
-            lines[i] = indent + "=" * width + gap + second
-
-
-def _fix_docstring(app, what, name, obj, options, lines) -> None:
-    _widen_simple_tables(lines)
-
-
-def setup(app) -> None:
-    app.connect("autodoc-process-docstring", _fix_docstring)
 
 
 # -- generated pages --------------------------------------------------------------------------

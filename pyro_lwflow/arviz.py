@@ -3,25 +3,25 @@
 Groups written by :func:`to_arviz` (``C`` chains × ``S`` draws, ``C · S = num_samples``; ``N`` the
 number of weighted prior draws kept):
 
-=====================  ==========================================================================
-``posterior``          independent guide draws of every latent site, constrained values,
-                       ``(C, S, *site_shape)``; split into chains only so that ``az.summary``'s
-                       R̂ and ESS machinery runs (the draws are i.i.d., so R̂ ≈ 1 is expected).
-``sample_stats``       per posterior draw ``(C, S)``: ``log_q`` (the guide's log density of the
-                       constrained values, Jacobians included, nats), ``lp`` (log prior +
-                       log-likelihood in the unconstrained space, Stan's convention) and
-                       ``log_weight`` (``log p(θ, D) − log q(θ)``, the importance weight of the
-                       draw: the same in either space).
-``log_likelihood``     pointwise log-likelihood of every observed site at the posterior draws,
-                       ``(C, S, *data_shape)``; a ``pyro.factor`` site gives its factor value.
-                       ``az.loo`` / ``az.waic`` use it (pass ``var_name`` if there are several).
-``prior``              the weighted draws the flow was trained on, constrained, ``(1, N, *shape)``.
-``sample_stats_prior`` per prior draw ``(1, N)``: ``log_likelihood``, ``log_prior`` and
-                       ``log_proposal`` (unconstrained space), ``log_weight`` (unnormalised
-                       log importance weight), ``psis_log_weight`` (Pareto-smoothed, normalised
-                       over *all* draws) and ``source`` (0 = prior, r = adaptive round r).
-``observed_data``      the values of the model's observed sites (``pyro.factor`` sites have none).
-=====================  ==========================================================================
+======================  ==========================================================================
+``posterior``           independent guide draws of every latent site, constrained values,
+                        ``(C, S, *site_shape)``; split into chains only so that ``az.summary``'s
+                        R̂ and ESS machinery runs (the draws are i.i.d., so R̂ ≈ 1 is expected).
+``sample_stats``        per posterior draw ``(C, S)``: ``log_q`` (the guide's log density of the
+                        constrained values, Jacobians included, nats), ``lp`` (log prior +
+                        log-likelihood in the unconstrained space, Stan's convention) and
+                        ``log_weight`` (``log p(θ, D) − log q(θ)``, the importance weight of the
+                        draw: the same in either space).
+``log_likelihood``      pointwise log-likelihood of every observed site at the posterior draws,
+                        ``(C, S, *data_shape)``; a ``pyro.factor`` site gives its factor value.
+                        ``az.loo`` / ``az.waic`` use it (pass ``var_name`` if there are several).
+``prior``               the weighted draws the flow was trained on, constrained, ``(1, N, *shape)``.
+``sample_stats_prior``  per prior draw ``(1, N)``: ``log_likelihood``, ``log_prior`` and
+                        ``log_proposal`` (unconstrained space), ``log_weight`` (unnormalised
+                        log importance weight), ``psis_log_weight`` (Pareto-smoothed, normalised
+                        over *all* draws) and ``source`` (0 = prior, r = adaptive round r).
+``observed_data``       the values of the model's observed sites (``pyro.factor`` sites have none).
+======================  ==========================================================================
 
 ``idata.attrs`` and ``idata.posterior.attrs`` carry: ``pyro_lwflow_version``, ``seed`` (of the fit),
 ``export_seed``, ``settings`` (a JSON string of the guide's and the fit's settings),

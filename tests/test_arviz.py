@@ -4,7 +4,7 @@ import inspect
 import json
 
 import arviz as az
-import matplotlib
+import matplotlib.pyplot
 import numpy as np
 import pyro
 import pyro.distributions as dist
@@ -16,8 +16,6 @@ from pyro_lwflow import fit
 from pyro_lwflow.arviz import to_arviz
 
 from .toy_models import conjugate_normal, example_y, factor_model, scale_model
-
-matplotlib.use("Agg")
 
 CHAINS, DRAWS = 4, 100
 
