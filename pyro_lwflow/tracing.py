@@ -155,17 +155,17 @@ class ModelTracer:
             _compute_log_prob(trace)
         return trace
 
-    def _first_trace(self) -> poutine.Trace:
+    def _first_trace(self, attempts: int = 10) -> poutine.Trace:
+        """A full unbatched trace; a black box that raises on part of the prior gets other draws."""
         self.max_plate_nesting = 0  # unbatched traces only, until the plates are known
-        for attempt in range(10):  # a black box may raise on part of the prior: try other draws
+        for _ in range(attempts - 1):
             try:
                 return self.trace(None, None)
-            except ValueError:
+            except ValueError:  # a data or shape error, naming the site: no other draw helps
                 raise
-            except Exception:  # noqa: BLE001 - re-raised below if no draw works
-                if attempt == 9:
-                    raise
-        raise AssertionError  # unreachable
+            except Exception:  # noqa: BLE001 - the last attempt below raises it
+                continue
+        return self.trace(None, None)
 
     # -- prior draws ------------------------------------------------------------------------
 
