@@ -6,6 +6,10 @@ from .fit import FitResult, fit
 from .guide import AutoLWFlow
 from .io import load, save
 from .loss import LikelihoodWeightedKL
+from .schedule import RoundSummary, Schedule
 
-__all__ = ["AutoLWFlow", "FitResult", "LikelihoodWeightedKL", "WeightedDraws", "fit", "load", "save", "to_arviz"]
+__all__ = [
+    "AutoLWFlow", "FitResult", "LikelihoodWeightedKL", "RoundSummary", "Schedule", "WeightedDraws", "fit", "load",
+    "save", "to_arviz",
+]
 __version__ = "0.1.0"

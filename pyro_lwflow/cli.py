@@ -105,12 +105,17 @@ def _parser() -> argparse.ArgumentParser:
                      help="mixture components of the base: 'auto' (estimated from the weighted draws) or "
                      "K >= 1 (default %(default)s)")
     fit.add_argument("--rounds", default=str(defaults["num_rounds"]),
-                     help="adaptive rounds: 'auto' or N >= 1; 1 is the paper's one-shot method "
-                     "(default %(default)s)")
+                     help="adaptive rounds: 'auto' or N >= 1 (--rounds 1 --starts prior is the paper's one-shot "
+                     "method) (default %(default)s)")
     fit.add_argument("--steps", type=int, default=defaults["num_steps"],
-                     help="gradient steps per round (default %(default)s)")
-    fit.add_argument("--prior-samples", type=int, default=defaults["num_prior_samples"],
-                     help="weighted prior draws of round 0 (default %(default)s)")
+                     help="gradient steps of the first training; later rounds warm-start (default %(default)s)")
+    fit.add_argument("--budget", type=int, default=defaults["budget"],
+                     help="most model evaluations, likelihood and gradient (default %(default)s)")
+    fit.add_argument("--initial-draws", type=int, default=defaults["initial_draws"],
+                     help="draws of round 0 (default: by dimension; see pyro_lwflow.Schedule)")
+    fit.add_argument("--starts", choices=("auto", "gradient", "prior"), default=defaults["starts"],
+                     help="start from the optima L-BFGS finds ('gradient'; 'auto' when the likelihood is "
+                     "differentiable) or from the prior (default %(default)s)")
     fit.add_argument("--batch-size", type=int, default=defaults["batch_size"],
                      help="draws per step (default %(default)s)")
     fit.add_argument("--lr", type=float, default=defaults["lr"], help="Adam learning rate (default %(default)s)")
@@ -132,14 +137,19 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _fit_defaults() -> dict:
-    """The defaults of :func:`pyro_lwflow.fit` for the options ``lwflow fit`` passes on."""
+    """The defaults of :func:`pyro_lwflow.fit` and :class:`pyro_lwflow.Schedule` for the options
+    ``lwflow fit`` passes on."""
+    import dataclasses
     import inspect
 
     from .fit import fit
+    from .schedule import Schedule
 
     params = inspect.signature(fit).parameters
-    names = ("num_components", "num_rounds", "num_steps", "num_prior_samples", "batch_size", "lr", "seed")
-    return {name: params[name].default for name in names}
+    out = {name: params[name].default for name in ("num_components", "batch_size", "lr", "seed")}
+    fields = {f.name: f.default for f in dataclasses.fields(Schedule)}
+    out.update({name: fields[name] for name in ("num_rounds", "num_steps", "budget", "initial_draws", "starts")})
+    return out
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
@@ -153,8 +163,8 @@ def _fit(args: argparse.Namespace) -> int:
     model = _load_model(args.model)
     components = _components(args.components)
     rounds = _components(args.rounds, "--rounds")
-    for name in ("steps", "prior_samples", "batch_size", "num_samples"):
-        if getattr(args, name) < 1:
+    for name in ("steps", "budget", "initial_draws", "batch_size", "num_samples"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     if args.data:
         model_args, model_kwargs = read_data(args.data)
@@ -170,7 +180,7 @@ def _fit(args: argparse.Namespace) -> int:
     import arviz as az
     import matplotlib.pyplot as plt
 
-    from . import fit
+    from . import Schedule, fit
     from .arviz import to_arviz
     from .io import save
     from .plots import pair_plot, training_curves
@@ -182,10 +192,11 @@ def _fit(args: argparse.Namespace) -> int:
         raise UsageError(f"cannot create the output folder '{out}': {err.strerror}") from None
     start = time.perf_counter()
     try:
+        schedule = Schedule(num_rounds=rounds, num_steps=args.steps, budget=args.budget,
+                            initial_draws=args.initial_draws, starts=args.starts)
         result = fit(
-            model, *model_args, num_components=components, num_steps=args.steps,
-            num_prior_samples=args.prior_samples, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-            num_rounds=rounds, progress=not args.quiet, model_kwargs=model_kwargs,
+            model, *model_args, num_components=components, schedule=schedule, batch_size=args.batch_size,
+            lr=args.lr, seed=args.seed, progress=not args.quiet, model_kwargs=model_kwargs,
         )
         idata = to_arviz(result, num_samples=args.num_samples, seed=args.seed)
     except (ValueError, TypeError, RuntimeError, NotImplementedError, KeyError) as err:
@@ -225,6 +236,7 @@ def _metrics(result, idata, truth, wall_time: float) -> dict:
         "log_evidence": result.log_evidence,
         "log_evidence_stderr": result.log_evidence_stderr,
         "num_likelihood_evals": result.num_likelihood_evals,
+        "num_gradient_evals": result.num_gradient_evals,
         "fit_wall_time_s": result.wall_time,
         "wall_time_s": wall_time,
         "num_components": json.loads(attrs["settings"])["num_components"],

@@ -39,7 +39,7 @@ class Standardize(TransformModule):
     def fit_(self, y: torch.Tensor) -> None:
         """Set ``loc`` and ``scale`` to the mean and standard deviation of ``y`` ``(N, D)``."""
         self.loc.copy_(y.mean(0))
-        self.scale.copy_(y.std(0).nan_to_num(1.0).clamp_min(1e-3))
+        self.scale.copy_(y.std(0).nan_to_num(1.0).clamp_min(1e-6))
 
     def _call(self, s: torch.Tensor) -> torch.Tensor:
         return self.loc.to(s) + self.scale.to(s) * s

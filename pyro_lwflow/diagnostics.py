@@ -42,8 +42,9 @@ def check_weights(draws: WeightedDraws, min_ess: float = 100.0) -> WeightedDraws
     if ess < min_ess:
         warnings.warn(
             f"The weighted draws have an effective sample size of only {ess:.1f} (of {len(draws)}), "
-            "too few to trust the fit. Use more prior draws (num_prior_samples), a prior closer "
-            "to the posterior, or adaptive rounds.",
+            "too few to trust the fit. Use more draws (num_prior_samples of LikelihoodWeightedKL, initial_draws of "
+            "Schedule), a prior closer "
+            "to the posterior, or adaptive rounds (Schedule(num_rounds='auto')).",
             stacklevel=3,
         )
     return draws

@@ -9,6 +9,8 @@ import torch
 
 __all__ = ["WeightedDraws"]
 
+MIN_EVIDENCE_ESS = 10.0  # below this ESS the evidence has no error bar (log_evidence_stderr is inf)
+
 
 @dataclass
 class WeightedDraws:
@@ -82,10 +84,31 @@ class WeightedDraws:
 
     @property
     def log_evidence_stderr(self) -> float:
-        """Delta-method standard error of :attr:`log_evidence` (``sqrt(var(w) / N) / mean(w)``)."""
+        """Standard error of :attr:`log_evidence`: the delta method (``sqrt(var(w) / N) / mean(w)``)
+        where the weights support it, and not a small number where they do not.
+
+        With Pareto k̂ > 0.7 or an ESS below 10 the weights' tail decides the estimate and no error
+        bar can be read off them: ``inf``. With 0.5 < k̂ ≤ 0.7 the weights' variance is infinite and
+        the delta method is too small; the gap between the raw and the Pareto-smoothed estimate is
+        added to it (nats).
+        """
+        from .diagnostics import psis_log_weights  # diagnostics imports this module
+
         lw = self.log_weights
         w = torch.exp(lw - lw.max())
-        return float(w.std() / (w.mean() * math.sqrt(len(self))))
+        stderr = float(w.std() / (w.mean() * math.sqrt(len(self))))
+        if self.ess < MIN_EVIDENCE_ESS:
+            return math.inf
+        smoothed, k = psis_log_weights(lw)
+        if k > 0.7:
+            return math.inf
+        if k > 0.5:
+            # smoothing changes only the tail, then normalises: a body draw (the lightest) gives the offset
+            finite = torch.isfinite(lw)
+            j = torch.nonzero(finite)[lw[finite].argmin()]
+            log_z_psis = float(lw[j] - smoothed[j]) - math.log(len(self))
+            stderr += abs(self.log_evidence - log_z_psis)
+        return stderr
 
     def with_beta(self, beta: float) -> WeightedDraws:
         """The same draws weighted at likelihood temperature ``beta``."""

@@ -23,11 +23,16 @@ from .diagnostics import check_weights, pareto_k, psis_log_weights
 from .draws import WeightedDraws
 from .guide import AutoLWFlow
 from .loss import LikelihoodWeightedKL
+from .schedule import RoundSummary, Schedule
+from .starts import find_optima, is_differentiable, start_proposal
 from .tracing import as_model_data
 
 __all__ = ["FitResult", "fit"]
 
 EMA_DECAY = 0.99  # of the parameter average training leaves behind (see _train)
+HELD_OUT = 0.1  # share of the draws a warm round holds out to stop on
+CHECK_EVERY = 25  # steps between held-out checks
+ROUND_ESS_FACTOR = 3.0  # a tempered round draws this many times round_ess / efficiency, so β can rise
 
 
 @dataclass
@@ -39,14 +44,18 @@ class FitResult:
     :param losses: per-step minibatch cross-entropy ``−E_post[log q]`` (nats).
     :param ess: effective sample size of those weights.
     :param num_likelihood_evals: model likelihood evaluations spent.
+    :param num_gradient_evals: log-joint gradient evaluations spent (by the gradient start).
     :param wall_time: seconds spent in :func:`fit` (drawing and training).
     :param num_skipped_steps: steps skipped because the loss or a gradient was not finite.
     :param seed: the seed :func:`fit` was given.
+    :param schedule: the :class:`~pyro_lwflow.schedule.Schedule` it ran.
     :param model, model_args, model_kwargs: the model and the data it was conditioned on (used by
         :func:`pyro_lwflow.arviz.to_arviz` and :func:`pyro_lwflow.io.save`).
-    :param rounds: per round: temperature ``beta``, ESS and Pareto k̂ of the pooled weights at
-        β = 1, ``log_evidence`` ± ``log_evidence_stderr``, pooled ``num_draws``,
-        ``num_components``, seconds.
+    :param rounds: one :class:`~pyro_lwflow.schedule.RoundSummary` per round.
+    :param log_evidence: importance-sampling estimate of ``log p(data)`` (nats): each round's draws
+        against their own proposal, combined (:meth:`~pyro_lwflow.adaptive.DrawPool.log_evidence`).
+    :param log_evidence_stderr: its standard error; ``inf`` when no round's weights can support one
+        (:attr:`~pyro_lwflow.draws.WeightedDraws.log_evidence_stderr`).
     """
 
     guide: AutoLWFlow
@@ -54,22 +63,23 @@ class FitResult:
     losses: list[float] = field(default_factory=list)
     ess: float = math.nan
     num_likelihood_evals: int = 0
+    num_gradient_evals: int = 0
     wall_time: float = 0.0
     num_skipped_steps: int = 0
     seed: int | None = None
+    schedule: Schedule | None = None
     model: Callable | None = None
     model_args: tuple = ()
     model_kwargs: dict = field(default_factory=dict)
-    rounds: list[dict] = field(default_factory=list)
+    rounds: list[RoundSummary] = field(default_factory=list)
+    log_evidence: float = math.nan
+    log_evidence_stderr: float = math.nan
 
     @property
-    def log_evidence(self) -> float:
-        """Importance-sampling estimate of ``log p(data)`` from the draws."""
-        return self.draws.with_beta(1.0).log_evidence
+    def num_evals(self) -> int:
+        """Model evaluations of both kinds (likelihood and gradient)."""
+        return self.num_likelihood_evals + self.num_gradient_evals
 
-    @property
-    def log_evidence_stderr(self) -> float:
-        return self.draws.with_beta(1.0).log_evidence_stderr
 
     def sample(self, num_samples: int) -> dict[str, torch.Tensor]:
         """``{site: (num_samples, *site_shape)}`` draws from the fitted guide."""
@@ -102,14 +112,7 @@ def fit(
     *args,
     guide: AutoLWFlow | None = None,
     num_components: int | str = "auto",
-    num_rounds: int | str = "auto",
-    num_steps: int = 600,
-    num_prior_samples: int = 100_000,
-    samples_per_round: int | None = None,
-    max_likelihood_evals: int = 1_000_000,
-    max_rounds: int = 10,
-    defensive: float = 0.1,
-    ess_fraction: float = 0.25,
+    schedule: Schedule | None = None,
     batch_size: int = 1024,
     lr: float = 3e-3,
     lr_decay: float = 0.1,
@@ -121,52 +124,46 @@ def fit(
     executor: Executor | None = None,
     cache_dir: str | os.PathLike | None = None,
     device: torch.device | str | None = None,
+    callback: Callable[[AutoLWFlow, RoundSummary], None] | None = None,
 ) -> FitResult:
     """Fit a likelihood-weighted flow to ``model``'s posterior given its data ``*args``.
 
-    Round 0 weights ``num_prior_samples`` prior draws by their likelihood and trains the guide
-    on them. With ``num_rounds=1`` that is all: the paper's one-shot method. Otherwise each
-    further round draws ``samples_per_round`` from the trained guide mixed with the prior
-    (share ``defensive``), pools them with every earlier draw (weights against the mixture of
-    all proposals, so no likelihood evaluation is wasted), and retrains. While the weights are
-    too uneven, the likelihood is tempered (``L^β``, β the largest value keeping the ESS at
-    ``ess_fraction × samples_per_round``) so every round sees the whole posterior's shape; β
-    rises to 1. With ``num_rounds="auto"`` fitting stops once β = 1 and fresh draws confirm the
-    fit (ESS at the target, Pareto k̂ < 0.7), or when ``max_likelihood_evals`` or ``max_rounds``
-    is reached.
+    The :class:`~pyro_lwflow.schedule.Schedule` says how the model evaluations are spent. By
+    default: when the log-likelihood is differentiable in torch, L-BFGS climbs from many prior
+    draws and round 0 draws from heavy-tailed Gaussians at the optima it finds (mixed with the
+    prior); otherwise round 0 draws from the prior. Each round then trains the guide on every
+    draw so far (weighted against the mixture of all proposals used, so no evaluation is
+    wasted), tempering the likelihood (``L^β``) while the weights are too uneven, and the next
+    round draws from the trained guide, as many as its efficiency says are needed. The fit stops
+    once the pooled weights at β = 1 have ``schedule.target_ess`` effective draws and Pareto
+    k̂ < 0.7, or when ``schedule.budget`` is spent. ``Schedule.one_shot(N)`` is the paper's
+    method: ``N`` prior draws, one training.
 
     :param model: a Pyro model; ``model(*args, **model_kwargs)`` conditions it on the data.
     :param guide: an :class:`AutoLWFlow` to train (its own ``num_components`` is used); by
-        default a fresh one with ``num_components`` (``"auto"``: chosen from the draws and
-        re-chosen each round).
-    :param max_likelihood_evals: with ``num_rounds="auto"``, the most likelihood evaluations to
-        spend, round 0's ``num_prior_samples`` included (capped to it).
-    :param num_steps: gradient steps per round (each round after the first starts from the last flow);
-        the round ends with the moving average of the iterates (decay 0.99), which cancels most
-        of the last steps' minibatch noise.
+        default a fresh one with ``num_components`` (``"auto"``: counted from the draws each round).
+    :param schedule: the plan (default ``Schedule()``).
+    :param batch_size: draws per gradient step.
     :param lr: Adam learning rate; each round it decays geometrically to ``lr · lr_decay``.
     :param clip_norm: clip on the global gradient norm.
     :param seed: the fit runs on torch's RNG seeded with this, and the caller's RNG state is given
         back afterwards, so the same seed gives the same fit whatever ran before and the executor;
         ``None`` draws from the caller's stream instead (seed it with ``pyro.set_rng_seed``).
-    :param progress: show tqdm bars with the loss and ESS.
-    :param loss: a configured :class:`LikelihoodWeightedKL` (its ``num_prior_samples``,
-        ``batch_size``, estimator and chunking override the arguments here).
+    :param progress: a progress bar of the calls spent against the budget, with β and the ESS.
+    :param loss: a configured :class:`LikelihoodWeightedKL` (its ``batch_size``, estimator,
+        chunking and executor are used; the draws come from the schedule).
     :param executor, cache_dir: evaluate the likelihood in seeded chunks on this
         :class:`concurrent.futures.Executor` (e.g. ``distributed.Client(...).get_executor()``), one
-        ``.npz`` per chunk in ``cache_dir`` so a rerun resumes; see :mod:`pyro_lwflow.evaluation`
-        (with ``loss=``, set them on the loss instead).
+        ``.npz`` per chunk of prior draws in ``cache_dir`` so a rerun resumes; see
+        :mod:`pyro_lwflow.evaluation` (with ``loss=``, set them on the loss instead).
     :param device: train and sample the guide there (e.g. ``"cuda"``); the draws stay on the CPU.
         Applies to a guide that has not seen the model yet.
-    :returns: a :class:`FitResult`; ``result.rounds`` has one row of diagnostics per round.
+    :param callback: called after each round as ``callback(guide, summary)``.
+    :returns: a :class:`FitResult`; ``result.rounds`` has one :class:`RoundSummary` per round.
     """
     start = time.perf_counter()
-    model_kwargs = dict(model_kwargs or {})
-    if num_rounds != "auto" and not (isinstance(num_rounds, int) and num_rounds >= 1):
-        raise ValueError(f"num_rounds must be a positive integer or 'auto', got {num_rounds!r}")
-    if not 0.0 <= defensive < 1.0:
-        raise ValueError(f"defensive must be in [0, 1), got {defensive}")
-    args, model_kwargs = as_model_data(tuple(args)), as_model_data(model_kwargs)
+    schedule = schedule or Schedule()
+    args, model_kwargs = as_model_data(tuple(args)), as_model_data(dict(model_kwargs or {}))
     with _seeded(seed):
         guide = guide if guide is not None else AutoLWFlow(model, num_components=num_components)
         if device is not None and guide.prototype_trace is None:
@@ -174,63 +171,242 @@ def fit(
         if guide.prototype_trace is None:
             _forget_params(guide)  # a fresh guide must not pick up stale values of an earlier one by name
             guide.setup(*args, **model_kwargs)
-        if num_rounds == "auto":  # the budget covers round 0's prior draws too
-            num_prior_samples = min(num_prior_samples, max_likelihood_evals)
-        loss = loss or LikelihoodWeightedKL(num_prior_samples, batch_size, progress=progress, executor=executor,
+        loss = loss or LikelihoodWeightedKL(batch_size=batch_size, progress=progress, executor=executor,
                                             cache_dir=cache_dir)
-        one_shot = num_rounds == 1
-        rounds_limit = max_rounds if num_rounds == "auto" else num_rounds
-        per_round = samples_per_round or loss.num_prior_samples
-        target_ess = ess_fraction * per_round
-
         adapter = loss.make_adapter(model, guide.prototype_trace, args, model_kwargs)
-        prior = adapter.sample(loss.num_prior_samples, progress=progress)
-        pool = DrawPool(check_weights(prior, loss.min_ess if one_shot else 0.0))
-        evals = len(prior)
-        result = FitResult(guide, pool.draws(), seed=seed, model=model, model_args=args, model_kwargs=model_kwargs)
-        beta = 0.0
-        for r in range(rounds_limit):
-            round_start = time.perf_counter()
-            if r > 0:
-                evals += _draw_round(pool, adapter, guide, per_round, defensive)
-            new_beta = 1.0 if one_shot else max(beta, choose_beta(pool.draws(), target_ess, floor=beta))
-            confirmed = beta == 1.0 and new_beta == 1.0
-            diag = _diagnostics(pool.draws(1.0))
-            if num_rounds == "auto" and confirmed and diag["ess"] >= target_ess and diag["pareto_k"] < 0.7:
-                guide.refit_mixture_weights(pool.draws(1.0))  # the fresh draws sharpen the mode weights
-                result.rounds.append({"round": r, "beta": 1.0, "trained": False, **diag, **_sizes(pool, guide),
-                                      "seconds": time.perf_counter() - round_start})
-                break
-            beta = new_beta
-            draws = pool.draws(beta)
-            loss.set_draws(draws, model_args=(args, model_kwargs))
-            mode_ess = min(modes.mode_ess(guide.latent_dim), target_ess)
-            modes.place_components(guide, pool, beta, seed=(seed or 0) + r, mode_ess=mode_ess)
-            _train(loss, model, guide, args, model_kwargs, result, num_steps, lr, lr_decay, clip_norm,
-                   progress, desc=f"round {r} (β={beta:.3g})")
-            guide.refit_mixture_weights(draws)
-            result.rounds.append({"round": r, "beta": beta, "trained": True, "ess_at_beta": draws.ess, **diag,
-                                  **_sizes(pool, guide), "seconds": time.perf_counter() - round_start})
-            if evals + per_round > max_likelihood_evals and num_rounds == "auto":
-                break
-        result.draws = pool.draws(1.0)
+        run = _Run(schedule, adapter, guide, loss, progress)
+        result = FitResult(guide, None, seed=seed, schedule=schedule, model=model, model_args=args,
+                           model_kwargs=model_kwargs)
+        try:
+            run.start(min_ess=loss.min_ess)
+            for r in range(schedule.num_rounds if schedule.num_rounds != "auto" else schedule.max_rounds):
+                round_start = time.perf_counter()
+                if r > 0:
+                    run.draw_from_guide()
+                beta, final = run.next_beta()
+                trained = run.train(model, args, model_kwargs, result, beta, lr, lr_decay, clip_norm, seed, r)
+                summary = run.summary(r, beta, trained, time.perf_counter() - round_start)
+                result.rounds.append(summary)
+                if callback is not None:
+                    callback(guide, summary)
+                if final or not run.plan_next_round():
+                    break
+        finally:
+            run.close()
+        result.draws = run.pool.draws(1.0)
         result.ess = result.draws.ess
-        result.num_likelihood_evals = evals
+        result.log_evidence, result.log_evidence_stderr = run.pool.log_evidence(1.0)
+        result.num_likelihood_evals = run.likelihood_evals
+        result.num_gradient_evals = run.gradient_evals
         result.wall_time = time.perf_counter() - start
-        if beta < 1.0:
-            warnings.warn(
-                f"Stopped at likelihood temperature β = {beta:.3g} < 1 (after {evals} likelihood evaluations), so "
-                "the guide fits a tempered posterior. Raise max_likelihood_evals or num_rounds, or samples_per_round.",
-                stacklevel=2,
-            )
-        elif not one_shot and result.rounds[-1]["pareto_k"] > 0.7:
-            warnings.warn(
-                f"The importance weights are unreliable (Pareto k̂ = {result.rounds[-1]['pareto_k']:.2f} > 0.7): the "
-                "evidence and reweighted draws may be off. Try more rounds (max_likelihood_evals), more num_steps, "
-                "or a larger flow (num_transforms, hidden_dims).",
-                stacklevel=2,
-            )
+        _warn_if_unfinished(result, run.beta, schedule)
         return result
+
+
+class _Run:
+    """The state of one fit: the pool of draws, the temperature, the calls spent, the next round's size."""
+
+    def __init__(self, schedule: Schedule, adapter: PriorAdapter, guide: AutoLWFlow, loss: LikelihoodWeightedKL,
+                 progress: bool) -> None:
+        self.schedule, self.adapter, self.guide, self.loss = schedule, adapter, guide, loss
+        self.auto = schedule.num_rounds == "auto"
+        self.one_shot = schedule.num_rounds == 1
+        self.likelihood_evals = self.gradient_evals = 0
+        self.beta = 0.0
+        self.trained_once = False
+        self.next_draws = 0
+        self.last_round_efficiency = math.nan
+        self.guide_efficiency = math.nan  # of the last round drawn from the guide
+        self.source = "prior"
+        dim = guide.latent_dim
+        self.round_ess = schedule.round_ess
+        if guide.num_components == "auto":  # enough effective draws to count modes on
+            self.round_ess = max(self.round_ess, min(modes.mode_ess(dim), schedule.target_ess))
+        self.bar = tqdm(total=schedule.budget, disable=not progress, unit="call", desc="lwflow fit",
+                        bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} calls [{elapsed}{postfix}]")
+
+    @property
+    def spent(self) -> int:
+        return self.likelihood_evals + self.gradient_evals
+
+    def _count(self, likelihood: int = 0, gradient: int = 0) -> None:
+        self.likelihood_evals += likelihood
+        self.gradient_evals += gradient
+        self.bar.update(likelihood + gradient)
+
+    def close(self) -> None:
+        self.bar.close()
+
+    # -- round 0 ---------------------------------------------------------------------------
+
+    def start(self, min_ess: float) -> None:
+        """Round 0's draws: from the optima of the log joint where it has a gradient, else the prior."""
+        schedule, dim = self.schedule, self.guide.latent_dim
+        proposal = None
+        if schedule.starts != "prior":
+            proposal = self._gradient_start()
+        n = schedule.first_round_draws(dim, from_optima=proposal is not None)
+        if proposal is None:
+            draws = self.adapter.sample(n, progress=False)
+            self._count(likelihood=self.adapter.num_evaluated)
+            self.pool = DrawPool(check_weights(draws, min_ess if self.one_shot else 0.0))
+        else:
+            self.source = "optima"
+            proposal = Proposal(proposal, schedule.defensive, n)
+            latents, log_lik, log_prior = self._draw(proposal, n)
+            draws = WeightedDraws(latents, log_lik, log_prior, proposal.log_prob(latents, log_prior))
+            self.pool = DrawPool(draws, proposal)
+        self.last_round_efficiency = self._own_efficiency(0, 1.0)
+
+    def _gradient_start(self):
+        """The start proposal at the optima L-BFGS finds, or ``None`` (prior start)."""
+        schedule, tracer, dim = self.schedule, self.adapter.tracer, self.guide.latent_dim
+        num_starts = schedule.starts_for(dim)
+        with torch.random.fork_rng(devices=[]):
+            prior_latents = tracer.prior_latents(max(4 * num_starts, 2_000))
+        if not is_differentiable(tracer, prior_latents):
+            if schedule.starts == "gradient":
+                raise ValueError(
+                    "Schedule(starts='gradient') needs a log-likelihood that is differentiable in torch and a model "
+                    "that vectorises, but this model's has no finite gradient (a NumPy black box, .item() or "
+                    "float() on a latent, or a non-vectorised model). Use starts='auto' or 'prior'."
+                )
+            return None
+        self.bar.set_postfix_str("finding modes by L-BFGS")
+        optima, count = find_optima(tracer, prior_latents, num_starts)
+        self._count(gradient=count)
+        self.optima = optima
+        if not optima:
+            if schedule.starts == "gradient":
+                warnings.warn("L-BFGS found no optimum of the log joint (it diverged from every start); "
+                              "starting from the prior instead.", stacklevel=4)
+            return None
+        return start_proposal(optima)
+
+    # -- later rounds ------------------------------------------------------------------------
+
+    def _draw(self, proposal: Proposal, num: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Draw ``num`` from ``(1 − defensive) · proposal + defensive · prior`` and evaluate them."""
+        defensive = proposal.defensive
+        num_prior = int(torch.distributions.Binomial(num, torch.tensor(defensive)).sample()) if defensive > 0 else 0
+        with torch.no_grad():
+            latents = proposal.flow.sample((num - num_prior,)).float().cpu()
+        log_lik, log_prior = self.adapter.evaluate(latents)
+        self._count(likelihood=num - num_prior)
+        parts = [(latents, log_lik, log_prior)]
+        if num_prior:
+            prior = self.adapter.sample(num_prior)
+            self._count(likelihood=self.adapter.num_evaluated)
+            parts.append((prior.latents, prior.log_likelihood, prior.log_prior))
+        latents, log_lik, log_prior = (torch.cat(x) for x in zip(*parts, strict=True))
+        bad = torch.isnan(log_lik) | (log_lik == math.inf) | torch.isnan(log_prior) | ~torch.isfinite(latents).all(-1)
+        if bad.any():
+            warnings.warn(f"{int(bad.sum())} of {num} new draws have a NaN or +inf log density; their weight is set "
+                          "to 0.", stacklevel=4)
+            log_lik = torch.where(bad, torch.full_like(log_lik, -math.inf), log_lik)
+            log_prior = torch.where(torch.isnan(log_prior), torch.full_like(log_prior, -math.inf), log_prior)
+            latents = torch.nan_to_num(latents, nan=0.0, posinf=0.0, neginf=0.0)
+        return latents, log_lik, log_prior
+
+    def draw_from_guide(self) -> None:
+        num = self.next_draws
+        proposal = Proposal(self.guide.frozen_posterior(), self.schedule.defensive, num,
+                            self.guide.component_loc.device)
+        self.pool.add(proposal, *self._draw(proposal, num))
+        self.source = "guide"
+        self.last_round_efficiency = self.guide_efficiency = self._own_efficiency(len(self.pool.proposals) - 1,
+                                                                                  self.beta)
+
+    def _own_efficiency(self, index: int, beta: float) -> float:
+        """ESS per draw of round ``index``'s draws at ``beta``, weighted against their own proposal."""
+        own = self.pool.own_draws(index, beta)
+        return own.ess / len(own) if len(own) else math.nan
+
+    def next_beta(self) -> tuple[float, bool]:
+        """The temperature to train at, and whether this is the last round (the stopping rule holds)."""
+        if self.one_shot:
+            self.beta = 1.0
+            return 1.0, True
+        beta = max(self.beta, choose_beta(self.pool.draws(), self.round_ess, floor=self.beta))
+        self.beta = beta
+        if not self.auto or beta < 1.0:
+            return beta, False
+        at_one = self.pool.draws(1.0)
+        return beta, at_one.ess >= self.schedule.target_ess and pareto_k(at_one) < 0.7
+
+    def train(self, model, args, kwargs, result, beta, lr, lr_decay, clip_norm, seed, r) -> int:
+        """Place the components and train at ``beta``; returns the steps taken."""
+        guide, loss = self.guide, self.loss
+        draws = self.pool.draws(beta)
+        mode_ess = min(modes.mode_ess(guide.latent_dim), self.schedule.target_ess)
+        modes.place_components(guide, self.pool, beta, seed=(seed or 0) + r, mode_ess=mode_ess)
+        held_out = None
+        if self.trained_once:  # a warm round: hold out a tenth of the draws and stop when its loss stops falling
+            mask = torch.rand(len(draws)) < HELD_OUT
+            held_out = draws.subset(mask)
+            train_draws = draws.subset(~mask)
+        else:
+            train_draws = draws
+        loss.set_draws(train_draws, model_args=(args, kwargs))
+        steps = self.schedule.warm_steps if self.trained_once else self.schedule.num_steps
+        self.bar.set_postfix_str(f"β={beta:.3g} ESS={draws.ess:,.0f} training")
+        taken = _train(loss, model, guide, args, kwargs, result, steps, lr, lr_decay, clip_norm, held_out,
+                       progress=False)
+        guide.refit_mixture_weights(draws)
+        self.trained_once = True
+        return taken
+
+    def summary(self, r: int, beta: float, steps: int, seconds: float) -> RoundSummary:
+        at_one = self.pool.draws(1.0)
+        log_z, log_z_stderr = self.pool.log_evidence(1.0)
+        summary = RoundSummary(
+            round=r, beta=beta, num_draws=self.pool.proposals[-1].count, num_likelihood_evals=self.likelihood_evals,
+            num_gradient_evals=self.gradient_evals, pool_size=len(self.pool), ess=at_one.ess,
+            pareto_k=pareto_k(at_one), ess_at_beta=self.pool.draws(beta).ess, efficiency=self.last_round_efficiency,
+            log_evidence=log_z, log_evidence_stderr=log_z_stderr,
+            num_components=int(self.guide.mixture_logits.shape[0]), num_steps=steps, seconds=seconds,
+            source=self.source,
+        )
+        self.bar.set_postfix_str(f"round {r} β={beta:.3g} ESS={summary.ess:,.0f} k̂={summary.pareto_k:.2f}")
+        return summary
+
+    def plan_next_round(self) -> bool:
+        """Size the next round from the guide's efficiency; ``False`` when the budget is spent."""
+        schedule = self.schedule
+        efficiency = self.guide_efficiency if math.isfinite(self.guide_efficiency) else 0.8
+        efficiency = min(max(efficiency, 0.01), 1.0)
+        if self.beta < 1.0:
+            need = ROUND_ESS_FACTOR * self.round_ess
+        else:
+            need = max(schedule.target_ess - self.pool.draws(1.0).ess, self.round_ess) * 1.1
+        smallest = min(schedule.first_round_draws(self.guide.latent_dim, from_optima=False) // 4, schedule.max_draws)
+        num = int(min(max(need / (1 - schedule.defensive) / efficiency, smallest), schedule.max_draws))
+        if not self.auto:
+            self.next_draws = num
+            return True
+        left = schedule.budget - self.spent
+        if left < smallest:
+            return False
+        self.next_draws = min(num, left)
+        return True
+
+
+def _warn_if_unfinished(result: FitResult, beta: float, schedule: Schedule) -> None:
+    if beta < 1.0:
+        warnings.warn(
+            f"Stopped at likelihood temperature β = {beta:.3g} < 1 after {result.num_evals:,} model evaluations "
+            f"(budget {schedule.budget:,}), so the guide fits a tempered posterior. Raise the budget "
+            "(fit(..., schedule=Schedule(budget=...))), or start from gradient optima if the model allows it.",
+            stacklevel=3,
+        )
+    elif schedule.num_rounds != 1 and result.rounds and result.rounds[-1].pareto_k > 0.7:
+        warnings.warn(
+            f"The importance weights are unreliable (Pareto k̂ = {result.rounds[-1].pareto_k:.2f} > 0.7): the "
+            "evidence and reweighted draws may be off, and log_evidence_stderr is inf. Raise the budget "
+            "(Schedule(budget=...)), train longer (Schedule(num_steps=..., warm_steps=...)), or use a larger flow "
+            "(AutoLWFlow(num_transforms=..., hidden_dims=...)).",
+            stacklevel=3,
+        )
 
 
 @contextmanager
@@ -253,43 +429,11 @@ def _forget_params(guide: AutoLWFlow) -> None:
         del store[name]
 
 
-def _draw_round(pool: DrawPool, adapter: PriorAdapter, guide: AutoLWFlow, num: int, defensive: float) -> int:
-    """Draw ``num`` from ``(1 − defensive) guide + defensive prior``, evaluate and pool them."""
-    proposal = Proposal(guide.frozen_posterior(), defensive, num, guide.component_loc.device)
-    num_prior = int(torch.distributions.Binomial(num, torch.tensor(defensive)).sample()) if defensive > 0 else 0
-    with torch.no_grad():
-        latents = proposal.flow.sample((num - num_prior,)).float().cpu()
-    log_lik, log_prior = adapter.evaluate(latents)
-    parts = [(latents, log_lik, log_prior)]
-    if num_prior:
-        prior = adapter.sample(num_prior)
-        parts.append((prior.latents, prior.log_likelihood, prior.log_prior))
-    latents, log_lik, log_prior = (torch.cat(x) for x in zip(*parts, strict=True))
-    bad = torch.isnan(log_lik) | (log_lik == math.inf) | torch.isnan(log_prior)
-    if bad.any():
-        warnings.warn(f"{int(bad.sum())} of {num} new draws have a NaN or +inf log density; their weight is set to 0.",
-                      stacklevel=3)
-        log_lik = torch.where(bad, torch.full_like(log_lik, -math.inf), log_lik)
-        log_prior = torch.where(torch.isnan(log_prior), torch.full_like(log_prior, -math.inf), log_prior)
-    pool.add(proposal, latents, log_lik, log_prior)
-    return num
-
-
-def _diagnostics(draws: WeightedDraws) -> dict[str, float]:
-    return {
-        "ess": draws.ess,
-        "pareto_k": pareto_k(draws),
-        "log_evidence": draws.log_evidence,
-        "log_evidence_stderr": draws.log_evidence_stderr,
-    }
-
-
-def _sizes(pool: DrawPool, guide: AutoLWFlow) -> dict[str, int]:
-    return {"num_draws": len(pool), "num_components": int(guide.mixture_logits.shape[0])}
-
-
-def _train(loss, model, guide, args, kwargs, result, num_steps, lr, lr_decay, clip_norm, progress, desc) -> None:
-    """``num_steps`` of Adam on the loss, skipping any step whose loss or gradient is not finite.
+def _train(loss, model, guide, args, kwargs, result, num_steps, lr, lr_decay, clip_norm,
+           held_out: WeightedDraws | None = None, progress: bool = False) -> int:
+    """Up to ``num_steps`` of Adam on the loss, skipping any step whose loss or gradient is not
+    finite; with ``held_out`` draws, stop once their weighted loss has not improved for two checks
+    (every ``CHECK_EVERY`` steps). Returns the steps taken.
 
     The parameters left behind are an exponential moving average of the iterates (Polyak–Ruppert
     averaging, horizon ~``1 / (1 − EMA_DECAY)`` steps): it cancels most of the minibatch noise the
@@ -299,8 +443,8 @@ def _train(loss, model, guide, args, kwargs, result, num_steps, lr, lr_decay, cl
     optim = torch.optim.Adam(params, lr=lr)
     schedule = torch.optim.lr_scheduler.ExponentialLR(optim, lr_decay ** (1.0 / max(num_steps, 1)))
     average = [p.detach().clone() for p in params]
-    ess = f"{loss.draws.ess:.0f}"
-    with tqdm(range(num_steps), disable=not progress, desc=desc, unit="step") as bar:
+    best, stale, step = math.inf, 0, 0
+    with tqdm(range(num_steps), disable=not progress, unit="step", leave=False) as bar:
         for step in bar:
             optim.zero_grad(set_to_none=True)
             value = loss.loss_and_grads(model, guide, *args, **kwargs)
@@ -314,11 +458,25 @@ def _train(loss, model, guide, args, kwargs, result, num_steps, lr, lr_decay, cl
                 decay = min(EMA_DECAY, (1 + step) / (10 + step))  # a short memory at first
                 torch._foreach_lerp_(average, [p.detach() for p in params], 1.0 - decay)
             result.losses.append(value)
-            if step % 50 == 0:
-                bar.set_postfix(loss=f"{value:.3f}", ess=ess)
+            if held_out is not None and (step + 1) % CHECK_EVERY == 0:
+                current = _held_out_loss(guide, held_out)
+                best, stale = (current, 0) if current < best - 1e-3 else (best, stale + 1)
+                if stale >= 2:
+                    break
     with torch.no_grad():
         for p, a in zip(params, average, strict=True):
             p.copy_(a)
+    return step + 1
+
+
+@torch.no_grad()
+def _held_out_loss(guide: AutoLWFlow, draws: WeightedDraws) -> float:
+    """``−Σ w̄ᵢ log q(θᵢ)`` on held-out draws (nats)."""
+    w = draws.weights
+    keep = w > 0
+    log_q = torch.cat([guide.latent_log_prob(c.to(guide.component_loc)).double().cpu()
+                       for c in draws.latents[keep].split(50_000)])
+    return float(-(w[keep] * torch.nan_to_num(log_q, nan=-1e30, neginf=-1e30)).sum())
 
 
 def _guide_params(loss, model, guide, args, kwargs) -> list[torch.Tensor]:

@@ -211,14 +211,18 @@ class AutoLWFlow(AutoContinuous):
         mixture: GaussianMixtureFit | None = None,
         seed: int = 0,
         num_components: int | None = None,
+        restandardize: bool = False,
     ) -> None:
-        """Start again from the identity flow and a mixture placed on the draws' modes."""
+        """Start again from the identity flow and a mixture placed on the draws' modes (with
+        ``restandardize``, in coordinates standardised afresh on the draws)."""
         # the mixture lives in the fixed maps' coordinates: keep them
         fixed = [{k: v.clone() for k, v in p.state_dict().items()} for p in self._fixed_parts()]
         del self.transform  # also drops its entries from Pyro's param store
         self.transform = self._new_transform()
         for state, new in zip(fixed, self._fixed_parts(), strict=True):
             new.load_state_dict(state)
+        if restandardize:
+            self.initialized = False
         self.initialize(draws, mixture, seed=seed, num_components=num_components)
 
     @torch.no_grad()

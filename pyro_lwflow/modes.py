@@ -250,5 +250,18 @@ def place_components(guide: AutoLWFlow, pool: DrawPool, beta: float, seed: int, 
         k = count_modes(guide, pool.draws(sharp), seed=seed)
     if not guide.initialized:
         guide.initialize(draws, seed=seed, num_components=k)
+    elif _moved(guide, draws, seed):
+        guide.reset(draws, seed=seed, num_components=k, restandardize=True)
     elif k is not None and k != guide.mixture_logits.shape[0]:
         guide.reset(draws, seed=seed, num_components=k)
+
+
+def _moved(guide: AutoLWFlow, draws: WeightedDraws, seed: int, factor: float = 4.0) -> bool:
+    """Whether the draws' spread left the guide's standardised coordinates: some coordinate's
+    spread changed ``factor``-fold, or its centre moved by more than ``factor`` spreads (a tempered
+    posterior narrowing on its way to a data-dominated one)."""
+    y = _resampled_model_units(guide, draws, 2_000, torch.Generator().manual_seed(seed)).double()
+    loc, scale = guide.standardize.loc.cpu().double(), guide.standardize.scale.cpu().double()
+    ratio = y.std(0) / scale
+    shift = (y.mean(0) - loc).abs() / scale
+    return bool((ratio > factor).any() or (ratio < 1 / factor).any() or (shift > factor).any())

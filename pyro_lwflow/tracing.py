@@ -127,14 +127,19 @@ class ModelTracer:
 
     # -- traces -----------------------------------------------------------------------------
 
-    @torch.no_grad()
-    def trace(self, values: dict[str, torch.Tensor] | None, n: int | None, stop_after_latents: bool = False):
+    def trace(self, values: dict[str, torch.Tensor] | None, n: int | None, stop_after_latents: bool = False,
+              grad: bool = False):
         """One trace of the model, conditioned on ``values`` if given, log-probs computed.
 
         :param n: draws stacked under the particle plate; ``None`` for one unbatched draw.
         :param stop_after_latents: stop the model once every latent site has a value (the
             likelihood is not computed: cheap prior draws).
+        :param grad: record the autograd graph (for :meth:`log_joint`).
         """
+        with torch.set_grad_enabled(grad):
+            return self._trace(values, n, stop_after_latents)
+
+    def _trace(self, values, n, stop_after_latents):
         model = self.model if values is None else poutine.condition(self.model, values)
         model = poutine.block(model, hide_types=["param"])
         if stop_after_latents:
@@ -214,6 +219,20 @@ class ModelTracer:
             log_lik, log_prior = self._vectorized(latents)
             return Evaluation(log_lik, log_prior)
         return self._sequential(latents)
+
+    def log_joint(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Differentiable ``(log-likelihood, log prior)``, each ``(N,)`` float64, at ``(N, D)`` packed
+        unconstrained latents (Jacobians included), traced in one vectorised pass.
+
+        :raises RuntimeError: if the model does not vectorise (see :meth:`check_vectorization`).
+        """
+        if not self.vectorized:
+            raise RuntimeError("log_joint needs a model that vectorises under a pyro.plate")
+        n = latents.shape[0]
+        trace = self.trace(self._values(latents), n, grad=True)
+        dim = -self.max_plate_nesting - 1
+        log_lik = sum(_per_draw(trace.nodes[name]["log_prob"], n, dim) for name in self.observed)
+        return log_lik, self._pack(trace, n)[1]
 
     def check_vectorization(self, latents: torch.Tensor) -> None:
         """Decide, once, whether the model vectorises: trace the first three of ``latents`` both ways.

@@ -5,7 +5,7 @@ import pyro.distributions as dist
 import pytest
 import torch
 
-from pyro_lwflow import fit
+from pyro_lwflow import Schedule, fit
 from pyro_lwflow.adaptive import DrawPool, Proposal, choose_beta
 from pyro_lwflow.draws import WeightedDraws
 from pyro_lwflow.metrics import mode_weight_error
@@ -73,10 +73,10 @@ def _box_mixture_model(means, scale, weights):
 def test_auto_components_and_evidence(means, weights):
     """Nothing given but the model: the mode count is found and the evidence is right."""
     model, truth = _box_mixture_model(means, 0.7, weights)
-    result = fit(model, num_steps=300, num_prior_samples=50_000, batch_size=512, progress=False)
+    result = fit(model, schedule=Schedule(num_steps=300, target_ess=10_000), batch_size=512, progress=False)
     assert result.num_components == 2
     assert abs(result.log_evidence - truth.log_evidence) < 0.05
-    assert result.pareto_k < 0.7 and result.rounds[-1]["beta"] == 1.0
+    assert result.pareto_k < 0.7 and result.rounds[-1].beta == 1.0
     approx = result.sample(5000)["theta"]
     assert mode_weight_error(truth.component_log_probs, truth.weights, approx) < 0.03
     reweighted = result.reweighted_sample(5000)["theta"]
@@ -85,9 +85,9 @@ def test_auto_components_and_evidence(means, weights):
 
 def test_one_round_is_the_paper_method():
     model, _ = _box_mixture_model([[-5.0, 0.0], [5.0, 2.0]], 0.7, [0.3, 0.7])
-    result = fit(model, num_components=2, num_rounds=1, num_steps=20, num_prior_samples=5000, progress=False)
+    result = fit(model, num_components=2, schedule=Schedule.one_shot(5000, num_steps=20), progress=False)
     assert result.num_likelihood_evals == 5000 and len(result.rounds) == 1
-    assert result.rounds[0]["beta"] == 1.0 and result.num_components == 2
+    assert result.rounds[0].beta == 1.0 and result.num_components == 2
     assert torch.equal(result.draws.log_proposal, result.draws.log_prior)
 
 

@@ -1,6 +1,5 @@
 """ArviZ export: every group with the right shapes and values, ArviZ's tools on it, netCDF round trip."""
 
-import inspect
 import json
 
 import arviz as az
@@ -12,7 +11,7 @@ import pytest
 import torch
 
 import pyro_lwflow
-from pyro_lwflow import fit
+from pyro_lwflow import Schedule, fit
 from pyro_lwflow.arviz import to_arviz
 
 from .toy_models import conjugate_normal, example_y, factor_model, scale_model
@@ -22,10 +21,9 @@ CHAINS, DRAWS = 4, 100
 
 def small_fit(model, *args, **kwargs):
     """A fit of a few seconds (one round where fit() has adaptive rounds)."""
-    if "num_rounds" in inspect.signature(fit).parameters:
-        kwargs.setdefault("num_rounds", 1)
     kwargs.setdefault("num_components", 1)
-    return fit(model, *args, num_steps=50, num_prior_samples=10_000, batch_size=256, progress=False, **kwargs)
+    return fit(model, *args, schedule=Schedule.one_shot(10_000, num_steps=50), batch_size=256, progress=False,
+               **kwargs)
 
 
 @pytest.fixture(scope="module")

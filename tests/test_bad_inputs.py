@@ -10,12 +10,11 @@ import pyro.distributions as dist
 import pytest
 import torch
 
-from pyro_lwflow import AutoLWFlow, LikelihoodWeightedKL, fit
+from pyro_lwflow import AutoLWFlow, LikelihoodWeightedKL, Schedule, fit
 from pyro_lwflow.evaluation import ChunkFailedError
 from pyro_lwflow.tracing import ModelStructureError
 
-QUICK = {"num_rounds": 1, "num_components": 1, "num_prior_samples": 2000, "num_steps": 20, "batch_size": 128,
-         "progress": False}
+QUICK = {"schedule": Schedule.one_shot(2000, num_steps=20), "num_components": 1, "batch_size": 128, "progress": False}
 
 
 def normal_model(y):
@@ -151,11 +150,11 @@ def ring(x_obs):
 def test_a_likelihood_zero_on_most_of_the_prior_fits(rounds):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # small budget: fit-quality advice
-        result = fit(ring, torch.tensor(0.3), num_components=1, num_rounds=rounds, num_prior_samples=5000,
-                     num_steps=150, max_likelihood_evals=20_000, progress=False)
+        schedule = Schedule(num_rounds=rounds, initial_draws=5000, num_steps=150, budget=20_000, starts="prior")
+        result = fit(ring, torch.tensor(0.3), num_components=1, schedule=schedule, progress=False)
     prior = result.draws.source == 0
     assert 0.05 < float(torch.isfinite(result.draws.log_likelihood[prior]).float().mean()) < 0.25
-    assert all(math.isfinite(r["ess"]) and r["ess"] > 100 for r in result.rounds)
+    assert all(math.isfinite(r.ess) and r.ess > 100 for r in result.rounds)
     assert torch.isfinite(result.draws.weights).all() and math.isfinite(result.log_evidence)
     reweighted = result.reweighted_sample(2000)["theta"].norm(dim=-1)
     assert ((reweighted - 0.5).abs() < 0.04).all()  # zero likelihood, zero weight

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from pyro_lwflow import cli, examples, fit
+from pyro_lwflow import Schedule, cli, examples, fit
 from pyro_lwflow.model_files import BUNDLED_MODELS, load_model
 
-SMALL = ["--steps", "30", "--prior-samples", "10000", "--batch-size", "256", "--num-samples", "400", "--quiet",
-         "--rounds", "1"]
+SMALL = ["--steps", "30", "--initial-draws", "10000", "--batch-size", "256", "--num-samples", "400", "--quiet",
+         "--rounds", "1", "--starts", "prior"]
 
 
 def test_fit_a_bundled_model_with_truth(tmp_path, capsys):
@@ -40,7 +40,7 @@ def test_fit_with_a_data_file(tmp_path):
     np.save(tmp_path / "y.npy", y)
     out = tmp_path / "out"
     assert cli.main(["fit", "normal_scale", "--data", str(tmp_path / "y.npy"), "--out", str(out), *SMALL,
-                     "--prior-samples", "20000", "--components", "1"]) == 0
+                     "--initial-draws", "20000", "--components", "1"]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert "kl" not in metrics and np.isfinite(metrics["log_evidence"])
     idata = az.from_netcdf(str(out / "posterior.nc"))
@@ -111,14 +111,16 @@ def test_fit_options_default_to_fits_own(capsys):
     """``lwflow fit`` with no options trains exactly as ``fit(model)`` does, and its help says so."""
     parsed = cli._parser().parse_args(["fit", "paper_targets.py:two_mode_2d"])
     params = inspect.signature(fit).parameters
-    given = {"num_components": cli._components(parsed.components), "num_rounds": cli._components(parsed.rounds),
-             "num_steps": parsed.steps, "num_prior_samples": parsed.prior_samples,
-             "batch_size": parsed.batch_size, "lr": parsed.lr, "seed": parsed.seed}
+    given = {"num_components": cli._components(parsed.components), "batch_size": parsed.batch_size, "lr": parsed.lr,
+             "seed": parsed.seed}
     assert given == {name: params[name].default for name in given}
+    planned = Schedule(num_rounds=cli._components(parsed.rounds), num_steps=parsed.steps, budget=parsed.budget,
+                       initial_draws=parsed.initial_draws, starts=parsed.starts)
+    assert planned == Schedule()
     with pytest.raises(SystemExit):
         cli.main(["fit", "--help"])
     help_text = " ".join(capsys.readouterr().out.split())
-    assert f"gradient steps per round (default {params['num_steps'].default})" in help_text
+    assert f"later rounds warm-start (default {Schedule().num_steps})" in help_text
     assert f"(default {params['num_components'].default})" in help_text
 
 

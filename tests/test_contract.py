@@ -14,7 +14,7 @@ import pytest
 import torch
 from pyro.infer import Predictive
 
-from pyro_lwflow import fit
+from pyro_lwflow import Schedule, fit
 from pyro_lwflow.cli import main as lwflow
 from pyro_lwflow.io import load, save
 from pyro_lwflow.tracing import ModelStructureError
@@ -22,7 +22,8 @@ from pyro_lwflow.tracing import ModelStructureError
 from . import contract_models
 from .contract_models import FITTED
 
-SETTINGS = {"num_rounds": 1, "num_components": 1, "num_prior_samples": 4000, "num_steps": 40, "batch_size": 256,
+NUM_DRAWS = 4000
+SETTINGS = {"schedule": Schedule.one_shot(NUM_DRAWS, num_steps=40), "num_components": 1, "batch_size": 256,
             "progress": False, "seed": 0}
 N = 64
 
@@ -57,7 +58,7 @@ def _assert_in_support(result, values: dict, batch: tuple):
 @pytest.mark.parametrize("name", FITTED)
 def test_fit(name):
     result = fitted(name)
-    assert result.num_likelihood_evals == SETTINGS["num_prior_samples"]
+    assert result.num_likelihood_evals == NUM_DRAWS
     assert torch.isfinite(torch.tensor(result.losses)).all() and result.ess > 1
     # the flow sits on the weighted draws: its mean within half a posterior sd of theirs, per coordinate
     w = result.draws.weights.float()
@@ -169,8 +170,8 @@ def test_save_and_load(name, tmp_path):
 @pytest.mark.filterwarnings("ignore:The weighted draws have an effective sample size")
 @pytest.mark.parametrize("name", FITTED)
 def test_command_line(name, tmp_path, capsys):
-    code = lwflow(["fit", f"{contract_models.__file__}:{name}", "--rounds", "1", "--components", "1",
-                   "--steps", "20", "--prior-samples", "2000", "--batch-size", "256", "--num-samples", "200",
+    code = lwflow(["fit", f"{contract_models.__file__}:{name}", "--rounds", "1", "--components", "1", "--steps", "20",
+                   "--initial-draws", "2000", "--starts", "prior", "--batch-size", "256", "--num-samples", "200",
                    "--out", str(tmp_path), "--quiet"])
     assert code == 0, capsys.readouterr().err
     metrics = json.loads((tmp_path / "metrics.json").read_text())

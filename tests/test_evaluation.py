@@ -9,7 +9,7 @@ import pyro.distributions as dist
 import pytest
 import torch
 
-from pyro_lwflow import AutoLWFlow, LikelihoodWeightedKL, fit
+from pyro_lwflow import AutoLWFlow, LikelihoodWeightedKL, Schedule, fit
 from pyro_lwflow.adapter import PriorAdapter
 from pyro_lwflow.evaluation import ChunkFailedError
 
@@ -153,7 +153,7 @@ def test_loss_and_fit_pass_the_executor_down():
         _assert_identical(draws, reference)  # the pool ran the same chunks the in-process run does
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # 5 steps: small-ESS / fit-quality advice
-            result = fit(factor_model, TARGET, num_components=1, num_steps=5, num_prior_samples=2000,
+            result = fit(factor_model, TARGET, num_components=1, schedule=Schedule.one_shot(2000, num_steps=5),
                          batch_size=64, progress=False, executor=pool, device="cpu")
     assert result.num_likelihood_evals >= 2000 and torch.isfinite(torch.tensor(result.losses)).all()
     assert result.guide.component_loc.device.type == "cpu" and result.draws.latents.device.type == "cpu"
@@ -163,7 +163,7 @@ def test_loss_and_fit_pass_the_executor_down():
 def test_fit_on_cuda_keeps_the_draws_on_cpu():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # 20 steps: fit-quality advice
-        result = fit(factor_model, TARGET, num_components=2, num_steps=20, num_prior_samples=2000,
+        result = fit(factor_model, TARGET, num_components=2, schedule=Schedule.one_shot(2000, num_steps=20),
                      batch_size=128, progress=False, device="cuda")
     assert result.guide.component_loc.device.type == "cuda"
     assert result.draws.latents.device.type == "cpu"
@@ -176,8 +176,8 @@ def _fit_with(executor):
     loss = LikelihoodWeightedKL(num_prior_samples=1200, batch_size=128, chunk_size=300, executor=executor)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # 15 steps: fit-quality advice
-        return fit(factor_model, TARGET, num_components=2, num_rounds=2, samples_per_round=600, num_steps=15,
-                   seed=3, progress=False, loss=loss)
+        schedule = Schedule(num_rounds=2, initial_draws=1200, max_draws=600, num_steps=15, starts="prior")
+        return fit(factor_model, TARGET, num_components=2, schedule=schedule, seed=3, progress=False, loss=loss)
 
 
 def test_one_seed_one_result_whatever_the_executor():

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from pyro_lwflow import AutoLWFlow, fit, metrics
+from pyro_lwflow import AutoLWFlow, Schedule, fit, metrics
 from pyro_lwflow.model_files import load_model
 
 from .toy_models import conjugate_normal, conjugate_posterior, example_y, skewed_model, skewed_posterior_sample
@@ -15,7 +15,7 @@ pytestmark = pytest.mark.slow
 
 def test_conjugate_normal_mean_and_variance():
     y = example_y(20)
-    result = fit(conjugate_normal, y, num_components=1, num_rounds=1, num_steps=500, num_prior_samples=200_000,
+    result = fit(conjugate_normal, y, num_components=1, schedule=Schedule.one_shot(200_000, num_steps=500),
                  batch_size=512, progress=False)
     mean, var = conjugate_posterior(y)
     theta = result.sample(40_000)["theta"]
@@ -30,7 +30,7 @@ def test_conjugate_normal_mean_and_variance():
 
 def _skewed_fit(marginal_bins, seed):
     guide = AutoLWFlow(skewed_model, num_components=1, num_transforms=2, hidden_dims=(16,), marginal_bins=marginal_bins)
-    fit(skewed_model, guide=guide, num_rounds=1, num_steps=600, num_prior_samples=100_000, batch_size=512, lr=5e-3,
+    fit(skewed_model, guide=guide, schedule=Schedule.one_shot(100_000, num_steps=600), batch_size=512, lr=5e-3,
         progress=False, seed=seed)
     exact = skewed_posterior_sample(20_000)
     gumbel, laplace = torch.distributions.Gumbel(-2.0, 1.5), torch.distributions.Laplace(2.0, 1.0)
@@ -54,7 +54,7 @@ def test_marginal_spline_shapes_skewed_and_cusped_marginals(seed):
 def _two_mode_fit(k):
     model = load_model("pyro_lwflow/examples/paper_targets.py:two_mode_2d")
     guide = AutoLWFlow(model, num_components=k, num_transforms=4, hidden_dims=(32, 32))
-    result = fit(model, guide=guide, num_rounds=1, num_steps=600, num_prior_samples=200_000, batch_size=512,
+    result = fit(model, guide=guide, schedule=Schedule.one_shot(200_000, num_steps=600), batch_size=512,
                  lr=5e-3, progress=False)
     exact = model.truth.sample(20_000, seed=1)
     approx = result.sample(20_000)["theta"]

@@ -1,13 +1,12 @@
 """Save/load of fitted guides: identical draws after loading, atomic writes, unsafe files refused."""
 
-import inspect
 import pickle
 
 import pyro
 import pytest
 import torch
 
-from pyro_lwflow import fit, io
+from pyro_lwflow import Schedule, fit, io
 
 from .toy_models import factor_model, scale_model
 
@@ -15,9 +14,7 @@ TARGET = torch.tensor([1.0, -0.5])
 
 
 def small_fit(model, *args, **kwargs):
-    if "num_rounds" in inspect.signature(fit).parameters:
-        kwargs.setdefault("num_rounds", 1)
-    return fit(model, *args, num_steps=30, num_prior_samples=5000, batch_size=256, progress=False, **kwargs)
+    return fit(model, *args, schedule=Schedule.one_shot(5000, num_steps=30), batch_size=256, progress=False, **kwargs)
 
 
 @pytest.fixture(scope="module")

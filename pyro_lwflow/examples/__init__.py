@@ -21,7 +21,7 @@ paper_targets.py:three_mode_2d`` finds it from any folder. Example::
 
     examples.names()                      # ['high_dim:banana_5d', ..., 'paper_targets:two_mode_2d']
     model = examples.load("paper_targets:three_mode_2d")
-    result = fit(model, num_components=3, num_rounds=1)
+    result = fit(model, num_components=3)
     model.truth.sample(1000)              # exact posterior draws
 """
 
