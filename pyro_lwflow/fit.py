@@ -327,7 +327,10 @@ class _Run:
         if self.one_shot:
             self.beta = 1.0
             return 1.0, True
-        beta = max(self.beta, choose_beta(self.pool.draws(), self.round_ess, floor=self.beta))
+        # keep β from falling while the draws at it are healthy; if the guide ran off (the draws at the
+        # current β have collapsed), step back to the largest β they support, so training recovers
+        floor = self.beta if self.pool.draws(self.beta).ess >= self.round_ess / 4 else 0.0
+        beta = choose_beta(self.pool.draws(), self.round_ess, floor=floor)
         self.beta = beta
         if not self.auto or beta < 1.0:
             return beta, False
@@ -339,16 +342,17 @@ class _Run:
         guide, loss = self.guide, self.loss
         draws = self.pool.draws(beta)
         mode_ess = min(modes.mode_ess(guide.latent_dim), self.schedule.target_ess)
-        modes.place_components(guide, self.pool, beta, seed=(seed or 0) + r, mode_ess=mode_ess)
+        restarted = modes.place_components(guide, self.pool, beta, seed=(seed or 0) + r, mode_ess=mode_ess)
+        warm = self.trained_once and not restarted
         held_out = None
-        if self.trained_once:  # a warm round: hold out a tenth of the draws and stop when its loss stops falling
+        if warm:  # a warm round: hold out a tenth of the draws and stop when its loss stops falling
             mask = torch.rand(len(draws)) < HELD_OUT
             held_out = draws.subset(mask)
             train_draws = draws.subset(~mask)
         else:
             train_draws = draws
         loss.set_draws(train_draws, model_args=(args, kwargs))
-        steps = self.schedule.warm_steps if self.trained_once else self.schedule.num_steps
+        steps = self.schedule.warm_steps if warm else self.schedule.num_steps
         self.bar.set_postfix_str(f"β={beta:.3g} ESS={draws.ess:,.0f} training")
         taken = _train(loss, model, guide, args, kwargs, result, steps, lr, lr_decay, clip_norm, held_out,
                        progress=False)

@@ -236,24 +236,30 @@ def mode_ess(dim: int) -> float:
     return max(MODE_ESS, MODE_ESS_PER_PARAMETER * dim * (dim + 3) / 2)
 
 
-def place_components(guide: AutoLWFlow, pool: DrawPool, beta: float, seed: int, mode_ess: float) -> None:
+def place_components(guide: AutoLWFlow, pool: DrawPool, beta: float, seed: int, mode_ess: float) -> bool:
     """Start the mixture on the modes of the pooled draws at temperature ``beta`` (a round of fit).
 
     With ``"auto"``, the modes are counted each round on the sharpest draws that still have
     ``mode_ess`` effective draws (tempering flattens modes: at β ≈ 0.3 a Student-t mixture's
-    modes melt into one plateau), and the flow restarts when the count changes.
+    modes melt into one plateau), and the flow restarts when the count changes, or when the draws
+    have left the guide's standardised coordinates. Draws with under half of ``mode_ess`` keep the
+    count as it is. Returns whether the flow (re)started from the identity.
     """
     draws = pool.draws(beta)
     k = None
     if guide.num_components == "auto":
-        sharp = choose_beta(pool.draws(1.0), mode_ess, floor=beta)
-        k = count_modes(guide, pool.draws(sharp), seed=seed)
+        sharp = pool.draws(choose_beta(pool.draws(1.0), mode_ess, floor=beta))
+        if sharp.ess >= mode_ess / 2 or not guide.initialized:
+            k = count_modes(guide, sharp, seed=seed)
     if not guide.initialized:
         guide.initialize(draws, seed=seed, num_components=k)
     elif _moved(guide, draws, seed):
         guide.reset(draws, seed=seed, num_components=k, restandardize=True)
     elif k is not None and k != guide.mixture_logits.shape[0]:
         guide.reset(draws, seed=seed, num_components=k)
+    else:
+        return False
+    return True
 
 
 def _moved(guide: AutoLWFlow, draws: WeightedDraws, seed: int, factor: float = 4.0) -> bool:
