@@ -38,7 +38,7 @@ import pyro
 import torch
 from torch.distributions import biject_to, constraints
 
-from pyro_lwflow import AutoLWFlow, fit, metrics
+from pyro_lwflow import AutoLWFlow, Schedule, fit, metrics
 from pyro_lwflow.model_files import BUNDLED_MODELS, load_model
 from pyro_lwflow.modes import fit_gaussian_mixture
 
@@ -117,11 +117,10 @@ def run_ours(model, k: int, budget: Budget, seed: int):
     pyro.clear_param_store()
     guide = AutoLWFlow(model, num_components=k, num_transforms=NUM_TRANSFORMS, hidden_dims=HIDDEN,
                        marginal_bins=budget.marginal_bins)
-    one_shot = {"num_rounds": 1} if "num_rounds" in inspect.signature(fit).parameters else {}
-    result = fit(model, guide=guide, num_prior_samples=budget.prior_samples, batch_size=budget.batch,
-                 num_steps=budget.steps, lr=budget.lr, lr_decay=budget.lr_decay, seed=seed, progress=False,
-                 **one_shot)
-    train_s = sum(r.get("seconds", 0.0) for r in getattr(result, "rounds", []))  # placing + training + refit
+    schedule = Schedule.one_shot(budget.prior_samples, num_steps=budget.steps)
+    result = fit(model, guide=guide, schedule=schedule, batch_size=budget.batch, lr=budget.lr,
+                 lr_decay=budget.lr_decay, seed=seed, progress=False)
+    train_s = sum(r.seconds for r in result.rounds)  # placing + training + refit (the prior draws come before)
     record = {"draw_s": result.wall_time - train_s, "train_s": train_s, "wall_s": result.wall_time,
               "likelihood_evals": result.num_likelihood_evals, "ess": result.ess,
               "skipped_steps": result.num_skipped_steps}

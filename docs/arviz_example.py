@@ -3,7 +3,6 @@
     python docs/arviz_example.py
 """
 
-import inspect
 from pathlib import Path
 
 import arviz as az
@@ -12,12 +11,12 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from pyro_lwflow import examples, fit  # noqa: E402
+from pyro_lwflow import Schedule, examples, fit  # noqa: E402
 from pyro_lwflow.arviz import to_arviz  # noqa: E402
 
 model = examples.load("paper_targets:two_mode_2d")
-one_round = {"num_rounds": 1} if "num_rounds" in inspect.signature(fit).parameters else {}
-result = fit(model, num_components=2, num_steps=300, num_prior_samples=50_000, progress=False, **one_round)
+# one round of 50,000 prior draws (the paper's one-shot method)
+result = fit(model, num_components=2, schedule=Schedule.one_shot(50_000, num_steps=300), progress=False)
 idata = to_arviz(result, num_samples=4000)
 print(az.summary(idata))
 axes = az.plot_pair(idata, var_names=["theta"], kind="scatter", marginals=True,

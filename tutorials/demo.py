@@ -2,9 +2,10 @@
 
     python tutorials/demo.py --out demo_output
 
-Fits ``paper_targets:three_mode_2d`` (:mod:`pyro_lwflow.examples`) with the paper's one-shot method and a
-1-component (Gaussian) base, then with 3 components, then with nothing given at all (``fit(model)``:
-automatic mode count and adaptive rounds). Writes ``pair_plot_*.png`` (model draws over the true
+Fits ``paper_targets:three_mode_2d`` (:mod:`pyro_lwflow.examples`) with the paper's one-shot method
+(``Schedule.one_shot``: prior draws, one training) and a 1-component (Gaussian) base, then with 3
+components, then with nothing given at all (``fit(model)``: gradient-informed start, automatic mode
+count and adaptive rounds). Writes ``pair_plot_*.png`` (model draws over the true
 density's contours: look for the "bridges" of the 1-component fit) and ``metrics.json``.
 """
 
@@ -16,15 +17,16 @@ from pathlib import Path
 
 import torch
 
-from pyro_lwflow import examples, fit, metrics
+from pyro_lwflow import Schedule, examples, fit, metrics
 from pyro_lwflow.plots import pair_plot
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="demo_output", help="output folder")
-    parser.add_argument("--steps", type=int, default=3000)
-    parser.add_argument("--prior-samples", type=int, default=1_000_000)
+    parser.add_argument("--steps", type=int, default=3000, help="gradient steps of the one-shot fits")
+    parser.add_argument("--prior-samples", type=int, default=1_000_000,
+                        help="prior draws of the one-shot fits (Schedule.one_shot)")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -33,7 +35,7 @@ def main() -> None:
     truth = model.truth
     exact = truth.sample(20_000, seed=1)
     report = {}
-    one_shot = dict(num_rounds=1, num_steps=args.steps, num_prior_samples=args.prior_samples)
+    one_shot = dict(schedule=Schedule.one_shot(args.prior_samples, num_steps=args.steps))
     runs = {"1_components": dict(num_components=1, **one_shot), "3_components": dict(num_components=3, **one_shot),
             "auto": {}}
     for label, settings in runs.items():
@@ -53,6 +55,7 @@ def main() -> None:
             "true_log_evidence": truth.log_evidence,
             "wall_time_s": result.wall_time,
             "likelihood_evals": result.num_likelihood_evals,
+            "gradient_evals": result.num_gradient_evals,
         }
         title = f"three_mode_2d, {result.num_components}-component base" + (" (auto)" if label == "auto" else "")
         fig = pair_plot(approx, truth.log_prob, limits=(-11, 11), title=title)
