@@ -58,7 +58,8 @@ nitpicky = False  # Pyro's and torch's classes in the type hints are not documen
 # -- generated pages --------------------------------------------------------------------------
 
 MODULE_ORDER = [
-    "fit", "guide", "loss", "draws", "adapter", "tracing", "layout", "evaluation", "adaptive", "modes", "flows",
+    "fit", "schedule", "guide", "loss", "draws", "adapter", "tracing", "layout", "evaluation", "adaptive", "starts",
+    "modes", "flows",
     "coordinates", "diagnostics", "metrics",
     "arviz", "io", "plots", "examples", "model_files", "truth", "cli",
 ]
