@@ -104,7 +104,8 @@ class RoundSummary:
     :param ess, pareto_k: effective sample size and Pareto k̂ of the pooled weights at β = 1.
     :param ess_at_beta: the pooled ESS at ``beta``.
     :param efficiency: ESS per draw of its own draws at ``beta``, against its own proposal.
-    :param log_evidence, log_evidence_stderr: ``log Ẑ`` of the pooled draws at β = 1 (nats).
+    :param log_evidence: ``log Ẑ`` after it (nats; each round against its own proposal).
+    :param log_evidence_stderr: its standard error (nats; ``inf`` if the weights support none).
     :param num_components: mixture components of the guide after it.
     :param num_steps: gradient steps it trained for.
     :param seconds: wall time of the round.

@@ -40,7 +40,7 @@ class Optimum:
     num_starts: int = 1
 
     @property
-    def log_evidence(self) -> float:
+    def laplace_log_evidence(self) -> float:
         """Laplace estimate of the mode's mass: ``log p*(θ) + ½ log det(2π Σ)``."""
         return self.log_joint + 0.5 * float(torch.logdet(2 * math.pi * self.cov))
 
@@ -229,8 +229,8 @@ def find_optima(
             cov = _laplace_cov(_hessian(f, x[i]), prior_var)
             modes.append(Optimum(x[i].clone(), cov, float(value[i])))
     if modes:
-        best = max(m.log_evidence for m in modes)
-        modes = [m for m in modes if m.log_evidence >= best - drop_below]
+        best = max(m.laplace_log_evidence for m in modes)
+        modes = [m for m in modes if m.laplace_log_evidence >= best - drop_below]
     return modes, f.count
 
 
@@ -238,7 +238,7 @@ def start_proposal(modes: list[Optimum], inflate: float = 1.2, df: float = 5.0) 
     """A mixture of Student-t's (``df``) at the modes, their Laplace covariances inflated by
     ``inflate`` in scale, over packed latents ``(D,)``; weights half by Laplace evidence, half equal,
     so a mode the Laplace estimate undervalues still gets draws."""
-    log_z = torch.tensor([m.log_evidence for m in modes], dtype=torch.float64)
+    log_z = torch.tensor([m.laplace_log_evidence for m in modes], dtype=torch.float64)
     weights = 0.5 * torch.softmax(log_z, 0) + 0.5 / len(modes)
     loc = torch.stack([m.loc for m in modes]).float()
     tril = torch.linalg.cholesky(torch.stack([m.cov for m in modes])).float() * inflate

@@ -90,7 +90,7 @@ def test_multistart_lbfgs_finds_both_modes_and_counts_its_gradients():
     found = found[found[:, 0].argsort()]
     # optima of the unconstrained log joint: the box's Jacobian pulls them a little toward the centre
     assert torch.allclose(found, torch.tensor([[-5.0, 0.0], [5.0, 2.0]]), atol=0.1)
-    log_z = torch.tensor([o.log_evidence for o in optima])
+    log_z = torch.tensor([o.laplace_log_evidence for o in optima])
     assert abs(float(torch.softmax(log_z, 0).max()) - 0.7) < 0.02  # the Laplace weights of Gaussian modes
 
 
