@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 import pyro
 import torch
+from machine import cpu_name
 from torch.distributions import biject_to, constraints
 
 from pyro_lwflow import AutoLWFlow, Schedule, fit, metrics
@@ -512,14 +513,7 @@ def compose_by_components(out: Path, names: list[str]) -> list[str]:
 
 
 def machine() -> str:
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_name(platform.processor() or "unknown CPU")
     return f"{os.cpu_count()} cores (nproc), {cpu}"
 
 

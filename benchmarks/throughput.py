@@ -43,6 +43,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from machine import cpu_name  # noqa: E402
+
 from pyro_lwflow import AutoLWFlow, LikelihoodWeightedKL  # noqa: E402
 from pyro_lwflow.adapter import PriorAdapter  # noqa: E402
 
@@ -312,12 +314,7 @@ def machine() -> dict:
         versions.update(dask=dask.__version__, distributed=distributed.__version__)
     except ImportError:
         pass
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    cpu = cpu_name(platform.processor() or platform.machine())
     return {"platform": platform.platform(), "cpu": cpu, "cpu_count": os.cpu_count(),
             "load_average_at_start": os.getloadavg(), "torch_threads": torch.get_num_threads(),
             "cuda": torch.cuda.is_available(), "versions": versions}

@@ -275,7 +275,6 @@ class _Run:
         self.bar.set_postfix_str("finding modes by L-BFGS")
         optima, count = find_optima(tracer, prior_latents, num_starts)
         self._count(gradient=count)
-        self.optima = optima
         if not optima:
             if schedule.starts == "gradient":
                 warnings.warn("L-BFGS found no optimum of the log joint (it diverged from every start); "
