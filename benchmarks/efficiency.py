@@ -4,7 +4,7 @@
                                     [--methods lwflow nautilus pocomc dynesty nuts]
                                     [--seed 0] [--quick] [--schedule KEY=VALUE ...] [--out benchmarks/results]
 
-Cases: the paper's five targets (``pyro_lwflow/examples/paper_targets.py``), the ``gmm_5d``,
+Cases: the paper's five targets (``models/paper_targets.py``), the ``gmm_5d``,
 ``gmm_10d``, ``gmm_20d`` mixtures (``high_dim.py``) and the real-shaped models of
 ``real_models.py`` (linear and logistic regression, AR(5), eight schools centred and
 non-centred). Methods, all run in this one process so their costs compare:
@@ -73,7 +73,7 @@ from machine import cpu_name  # noqa: E402
 from peers import PEERS, PeerResult, UnitCube, available, nuts_settings, run_nuts  # noqa: E402
 
 import pyro_lwflow  # noqa: E402
-from pyro_lwflow import examples, fit, metrics  # noqa: E402
+from pyro_lwflow import fit, metrics, models  # noqa: E402
 
 PAPER = ("single_mode_2d", "two_mode_2d", "three_mode_2d", "three_mode_3d", "non_gaussian_3d")
 HIGH_DIM = ("gmm_5d", "gmm_10d", "gmm_20d")
@@ -110,7 +110,7 @@ class Case:
 
     def __init__(self, name: str, quick: bool, out: Path) -> None:
         self.name, self.file = name, FILES[name]
-        self.model = examples.load(f"{self.file}:{name}")
+        self.model = models.load(f"{self.file}:{name}")
         self.args = tuple(self.model.example_data()) if hasattr(self.model, "example_data") else ()
         self.cube = UnitCube(self.model, self.args)
         self.dim = self.cube.dim
@@ -184,7 +184,7 @@ def _reference(case: Case, quick: bool, out: Path) -> dict:
             print(f"  reference: {path} (cached)", flush=True)
             return cached
         print(f"  reference: {path} has other settings; recomputing", flush=True)
-    model = examples.load(settings["model"])
+    model = models.load(settings["model"])
     args = tuple(model.example_data())
 
     def flatten(samples: dict, n: int) -> torch.Tensor:

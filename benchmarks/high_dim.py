@@ -3,8 +3,8 @@
     python benchmarks/high_dim.py [--quick] [--targets gmm_5d gmm_10d ...] [--no-dynesty | --dynesty-targets ...]
                                   [--seed 0] [--seeds 1] [--out benchmarks/results]
 
-For each target (``pyro_lwflow/examples/high_dim.py``: separated Gaussian mixtures in d = 5, 10, 20 and a
-5-D banana; ``pyro_lwflow/examples/paper_targets.py``: the paper's five) it runs, at a budget of at most
+For each target (``models/high_dim.py``: separated Gaussian mixtures in d = 5, 10, 20 and a
+5-D banana; ``models/paper_targets.py``: the paper's five) it runs, at a budget of at most
 ``--max-evals`` model evaluations (likelihood plus gradient):
 
 * ``one-shot``: the paper's method — all the budget as prior draws, one round, true K

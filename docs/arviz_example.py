@@ -11,10 +11,10 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from pyro_lwflow import Schedule, examples, fit  # noqa: E402
+from pyro_lwflow import Schedule, fit, models  # noqa: E402
 from pyro_lwflow.arviz import to_arviz  # noqa: E402
 
-model = examples.load("paper_targets:two_mode_2d")
+model = models.load("paper_targets:two_mode_2d")
 # one round of 50,000 prior draws (the paper's one-shot method)
 result = fit(model, num_components=2, schedule=Schedule.one_shot(50_000, num_steps=300), progress=False)
 idata = to_arviz(result, num_samples=4000)

@@ -61,7 +61,7 @@ MODULE_ORDER = [
     "fit", "schedule", "guide", "loss", "draws", "adapter", "tracing", "layout", "evaluation", "adaptive", "starts",
     "modes", "flows",
     "coordinates", "diagnostics", "metrics",
-    "arviz", "io", "plots", "examples", "model_files", "truth", "cli",
+    "arviz", "io", "plots", "models", "model_files", "truth", "cli",
 ]
 
 

@@ -7,7 +7,7 @@
     lwflow bench paper --quick
 
 A bare file name (``paper_targets.py`` or ``paper_targets``) that is not a file in the current
-folder is one of the example models of :mod:`pyro_lwflow.examples`. The training options default
+folder is one of the example models of :mod:`pyro_lwflow.models`. The training options default
 to :func:`pyro_lwflow.fit`'s own defaults (read from its signature, so the two always agree).
 
 ``--data`` files become the model's arguments:
@@ -124,7 +124,7 @@ def _parser() -> argparse.ArgumentParser:
     fit.add_argument("--out", default="lwflow_output", help="output folder (default %(default)s)")
     fit.add_argument("--quiet", action="store_true", help="no progress bar")
     sub.add_parser("models", help="list the bundled example models",
-                   description="List the example models bundled in pyro_lwflow.examples.")
+                   description="List the example models bundled in pyro_lwflow.models.")
     bench = sub.add_parser(
         "bench",
         help="run a benchmark script from benchmarks/ (extra arguments are passed on)",

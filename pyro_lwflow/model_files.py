@@ -1,7 +1,7 @@
 """Loading Pyro models from plain ``.py`` files (``path/to/file.py[:function]``).
 
-The example models shipped in :mod:`pyro_lwflow.examples` are such files too; loading one of them
-by path gives the package's own module (``pyro_lwflow.examples.paper_targets``), so the model is the
+The example models shipped in :mod:`pyro_lwflow.models` are such files too; loading one of them
+by path gives the package's own module (``pyro_lwflow.models.paper_targets``), so the model is the
 same object however it was loaded, and process pools can pickle it by reference.
 """
 
@@ -15,8 +15,8 @@ from pathlib import Path
 
 __all__ = ["BUNDLED_MODELS", "bundled_models", "load_model"]
 
-BUNDLED_MODELS = Path(__file__).resolve().parent / "examples"
-"""The folder of the example model files (:mod:`pyro_lwflow.examples`), inside the installed package."""
+BUNDLED_MODELS = Path(importlib.util.find_spec(f"{__package__}.models").origin).resolve().parent
+"""The folder of the example model files (:mod:`pyro_lwflow.models`), inside the installed package."""
 
 
 def load_model(spec: str | Path) -> Callable:
@@ -41,7 +41,7 @@ def load_model(spec: str | Path) -> Callable:
 
 
 def bundled_models() -> dict[str, Callable]:
-    """``{"file.py:function": model}`` for every model in :mod:`pyro_lwflow.examples`."""
+    """``{"file.py:function": model}`` for every model in :mod:`pyro_lwflow.models`."""
     out = {}
     for path in sorted(BUNDLED_MODELS.glob("[!_]*.py")):
         module = _load_module(path)
@@ -54,7 +54,7 @@ def _load_module(path: Path):
     if not path.is_file():
         raise FileNotFoundError(f"model file '{path}' does not exist")
     if path.resolve().parent == BUNDLED_MODELS and path.stem.isidentifier() and not path.stem.startswith("_"):
-        return importlib.import_module(f"{__package__}.examples.{path.stem}")
+        return importlib.import_module(f"{__package__}.models.{path.stem}")
     module_name = f"_lwflow_model_{path.stem}_{abs(hash(str(path.resolve())))}"
     if module_name in sys.modules:
         return sys.modules[module_name]

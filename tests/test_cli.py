@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from pyro_lwflow import Schedule, cli, examples, fit
+from pyro_lwflow import Schedule, cli, fit, models
 from pyro_lwflow.model_files import BUNDLED_MODELS, load_model
 
 SMALL = ["--steps", "30", "--initial-draws", "10000", "--batch-size", "256", "--num-samples", "400", "--quiet",
@@ -104,7 +104,7 @@ def test_models_lists_the_bundled_models(capsys):
     assert cli.main(["models"]) == 0
     out = capsys.readouterr().out
     assert "paper_targets.py:two_mode_2d" in out and "normal_scale.py:model" in out
-    assert str(examples.DIRECTORY) in out
+    assert str(models.DIRECTORY) in out
 
 
 def test_fit_options_default_to_fits_own(capsys):
@@ -125,15 +125,15 @@ def test_fit_options_default_to_fits_own(capsys):
 
 
 def test_bundled_models_load_by_name_and_by_path():
-    by_name = examples.load("paper_targets:three_mode_2d")
-    assert examples.load("paper_targets.py:three_mode_2d") is by_name
-    assert load_model(f"{examples.DIRECTORY / 'paper_targets.py'}:three_mode_2d") is by_name
+    by_name = models.load("paper_targets:three_mode_2d")
+    assert models.load("paper_targets.py:three_mode_2d") is by_name
+    assert load_model(f"{models.DIRECTORY / 'paper_targets.py'}:three_mode_2d") is by_name
     assert cli._load_model("paper_targets.py:three_mode_2d") is by_name
-    assert {"paper_targets:three_mode_2d", "normal_scale:model", "high_dim:gmm_5d"} <= set(examples.names())
+    assert {"paper_targets:three_mode_2d", "normal_scale:model", "high_dim:gmm_5d"} <= set(models.names())
     with pytest.raises(FileNotFoundError, match="the examples are: .*paper_targets"):
-        examples.load("no_such_file:model")
+        models.load("no_such_file:model")
     with pytest.raises(AttributeError, match="no model function 'nope'"):
-        examples.load("paper_targets:nope")
+        models.load("paper_targets:nope")
 
 
 def test_bench_runs_the_script_or_says_it_is_missing(monkeypatch, capsys):

@@ -52,7 +52,7 @@ def test_marginal_spline_shapes_skewed_and_cusped_marginals(seed):
 
 
 def _two_mode_fit(k):
-    model = load_model("pyro_lwflow/examples/paper_targets.py:two_mode_2d")
+    model = load_model("models/paper_targets.py:two_mode_2d")
     guide = AutoLWFlow(model, num_components=k, num_transforms=4, hidden_dims=(32, 32))
     result = fit(model, guide=guide, schedule=Schedule.one_shot(200_000, num_steps=600), batch_size=512,
                  lr=5e-3, progress=False)

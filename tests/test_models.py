@@ -9,7 +9,7 @@ import pytest
 import torch
 from pyro import poutine
 
-from pyro_lwflow import examples, metrics
+from pyro_lwflow import metrics, models
 from pyro_lwflow.model_files import BUNDLED_MODELS, bundled_models, load_model
 
 SHARED_SPEC = Path(__file__).resolve().parents[2] / "shared" / "benchmarks" / "paper_targets.json"
@@ -39,7 +39,7 @@ def _prior_log_likelihood(model, num_draws: int) -> torch.Tensor:
 @pytest.mark.parametrize("name", TARGETS)
 def test_truth_evidence_matches_monte_carlo_over_the_prior(name):
     """``truth.log_evidence`` against ``log E_prior[L]`` estimated by running the model itself."""
-    model = examples.load(f"paper_targets:{name}")
+    model = models.load(f"paper_targets:{name}")
     likelihood = _prior_log_likelihood(model, 400_000).exp()
     estimate = likelihood.mean()
     stderr = float(likelihood.std() / math.sqrt(len(likelihood)) / estimate)  # of log Ẑ, by the delta method
@@ -49,7 +49,7 @@ def test_truth_evidence_matches_monte_carlo_over_the_prior(name):
 
 @pytest.mark.parametrize("name", TARGETS)
 def test_truth_log_prob_is_normalised_on_the_box(name):
-    truth = examples.load(f"paper_targets:{name}").truth
+    truth = models.load(f"paper_targets:{name}").truth
     x = truth.sample(4000, seed=0)
     assert x.shape == (4000, truth.dim) and (x.abs() <= 12).all()
     # ∫_box exp(log_prob) = 1, by importance sampling from the uniform prior
@@ -67,7 +67,7 @@ def test_truth_draws_have_the_mixtures_moments(name):
     cov = torch.tensor(spec["covariances"], dtype=torch.float64)
     mean = w @ mu
     second = torch.einsum("k,kij->ij", w, cov + mu.unsqueeze(-1) * mu.unsqueeze(-2))
-    x = examples.load(f"paper_targets:{name}").truth.sample(40_000, seed=3).double()
+    x = models.load(f"paper_targets:{name}").truth.sample(40_000, seed=3).double()
     n = len(x)
     assert torch.all((x.mean(0) - mean).abs() < 4 * x.std(0) / math.sqrt(n))
     products = x.unsqueeze(-1) * x.unsqueeze(-2)
@@ -75,14 +75,14 @@ def test_truth_draws_have_the_mixtures_moments(name):
 
 
 def test_mixture_fractions_of_exact_draws_match_the_weights():
-    truth = examples.load("paper_targets:three_mode_2d").truth
+    truth = models.load("paper_targets:three_mode_2d").truth
     x = truth.sample(20000, seed=1)
     assert metrics.mode_weight_error(truth.component_log_probs, truth.weights, x) < 0.015
 
 
 def test_truth_is_built_lazily():
     """Importing a model file draws nothing: the box mass is estimated on first use, then cached."""
-    truth = examples.load("paper_targets:two_mode_2d").truth
+    truth = models.load("paper_targets:two_mode_2d").truth
     truth.__dict__.pop("box_mass", None)
     state = torch.get_rng_state()
     first = truth.log_evidence

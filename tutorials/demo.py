@@ -2,7 +2,7 @@
 
     python tutorials/demo.py --out demo_output
 
-Fits ``paper_targets:three_mode_2d`` (:mod:`pyro_lwflow.examples`) with the paper's one-shot method
+Fits ``paper_targets:three_mode_2d`` (:mod:`pyro_lwflow.models`) with the paper's one-shot method
 (``Schedule.one_shot``: prior draws, one training) and a 1-component (Gaussian) base, then with 3
 components, then with nothing given at all (``fit(model)``: gradient-informed start, automatic mode
 count and adaptive rounds). Writes ``pair_plot_*.png`` (model draws over the true
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from pyro_lwflow import Schedule, examples, fit, metrics
+from pyro_lwflow import Schedule, fit, metrics, models
 from pyro_lwflow.plots import pair_plot
 
 
@@ -31,7 +31,7 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
-    model = examples.load("paper_targets:three_mode_2d")
+    model = models.load("paper_targets:three_mode_2d")
     truth = model.truth
     exact = truth.sample(20_000, seed=1)
     report = {}

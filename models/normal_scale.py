@@ -5,8 +5,8 @@
 
 Use::
 
-    from pyro_lwflow import examples, fit
-    model = examples.load("normal_scale")
+    from pyro_lwflow import models, fit
+    model = models.load("normal_scale")
     result = fit(model, model.example_data())
 """
 

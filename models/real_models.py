@@ -18,8 +18,8 @@ model                          what it is
 
 Use::
 
-    from pyro_lwflow import examples, fit
-    model = examples.load("real_models:linear_regression")
+    from pyro_lwflow import models, fit
+    model = models.load("real_models:linear_regression")
     result = fit(model, *model.example_data())
 """
 

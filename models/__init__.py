@@ -12,15 +12,15 @@ file               models
                    ``.example_data()``
 =================  ============================================================================
 
-Each file is an ordinary module of this package (``pyro_lwflow.examples.paper_targets``) and
+Each file is an ordinary module of this package (``pyro_lwflow.models.paper_targets``) and
 also a plain model file: :func:`load` takes ``"file[:function]"`` by name,
 :func:`pyro_lwflow.model_files.load_model` the same by path, and ``lwflow fit
 paper_targets.py:three_mode_2d`` finds it from any folder. Example::
 
-    from pyro_lwflow import examples, fit
+    from pyro_lwflow import models, fit
 
-    examples.names()                      # ['high_dim:banana_5d', ..., 'paper_targets:two_mode_2d']
-    model = examples.load("paper_targets:three_mode_2d")
+    models.names()                      # ['high_dim:banana_5d', ..., 'paper_targets:two_mode_2d']
+    model = models.load("paper_targets:three_mode_2d")
     result = fit(model, num_components=3)
     model.truth.sample(1000)              # exact posterior draws
 """

@@ -9,8 +9,8 @@ its evidence is estimated on first use, not at import). The numbers come from
 
 Use::
 
-    from pyro_lwflow import examples, fit
-    model = examples.load("paper_targets:three_mode_2d")
+    from pyro_lwflow import models, fit
+    model = models.load("paper_targets:three_mode_2d")
     result = fit(model, num_components=3)
     result.sample(1000)["theta"]; model.truth.sample(1000)
 """
