@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 
-.PHONY: demo test lint docs bench-paper clean
+.PHONY: demo test lint docs bench-paper bench-amortized clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -22,6 +22,21 @@ bench-paper: $(VENV)/.installed   ## the paper's tables and figures, ours vs nor
 	$(PIP) install -e ".[bench]"
 	$(PY) benchmarks/paper.py --seeds 3 --out benchmarks/results
 
+# the amortized benchmark runs in a virtualenv of its own (sbibm pins an old sbi and brings a large stack)
+BENCH_VENV ?= .venv-bench
+BENCH_PY := $(BENCH_VENV)/bin/python
+BENCH_PIP := $(BENCH_PY) -m pip --disable-pip-version-check -q
+
+$(BENCH_VENV)/.installed: pyproject.toml
+	python3 -m venv $(BENCH_VENV)
+	$(BENCH_PIP) install --upgrade pip
+	$(BENCH_PIP) install torch==2.13.0   # the CPU build first: an open range could pull a CUDA build
+	$(BENCH_PIP) install -e ".[bench]"   # sbi, sbibm==1.1.0, future with the other peers
+	touch $@
+
+bench-amortized: $(BENCH_VENV)/.installed   ## amortized inference on three sbibm tasks, ours vs sbi's NPE; writes benchmarks/results/amortized.*
+	$(BENCH_PY) benchmarks/amortized.py --out benchmarks/results
+
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
 
@@ -34,4 +49,4 @@ docs: $(VENV)/.docs-installed   ## the documentation site (API, tutorials, bench
 	@echo "open docs/_build/html/index.html"
 
 clean:
-	rm -rf $(VENV) demo_output .pytest_cache docs/_build docs/api docs/tutorials docs/benchmarks docs/CHANGELOG.md
+	rm -rf $(VENV) $(BENCH_VENV) demo_output .pytest_cache docs/_build docs/api docs/tutorials docs/benchmarks docs/CHANGELOG.md
