@@ -125,6 +125,7 @@ def fit(
     cache_dir: str | os.PathLike | None = None,
     device: torch.device | str | None = None,
     callback: Callable[[AutoLWFlow, RoundSummary], None] | None = None,
+    start=None,
 ) -> FitResult:
     """Fit a likelihood-weighted flow to ``model``'s posterior given its data ``*args``.
 
@@ -159,9 +160,13 @@ def fit(
     :param device: train and sample the guide there (e.g. ``"cuda"``); the draws stay on the CPU.
         Applies to a guide that has not seen the model yet.
     :param callback: called after each round as ``callback(guide, summary)``.
+    :param start: round 0 draws from this instead of the optima or the prior: a distribution over
+        the packed unconstrained latents, or an object with one as ``.latent_dist`` (an amortized
+        guide's answer for these data, ``amortized.condition(x)``), mixed with the prior
+        (``schedule.defensive``).
     :returns: a :class:`FitResult`; ``result.rounds`` has one :class:`RoundSummary` per round.
     """
-    start = time.perf_counter()
+    began = time.perf_counter()
     schedule = schedule or Schedule()
     args, model_kwargs = as_model_data(tuple(args)), as_model_data(dict(model_kwargs or {}))
     with _seeded(seed):
@@ -174,7 +179,7 @@ def fit(
         loss = loss or LikelihoodWeightedKL(batch_size=batch_size, progress=progress, executor=executor,
                                             cache_dir=cache_dir)
         adapter = loss.make_adapter(model, guide.prototype_trace, args, model_kwargs)
-        run = _Run(schedule, adapter, guide, loss, progress)
+        run = _Run(schedule, adapter, guide, loss, progress, start)
         result = FitResult(guide, None, seed=seed, schedule=schedule, model=model, model_args=args,
                            model_kwargs=model_kwargs)
         try:
@@ -198,7 +203,7 @@ def fit(
         result.log_evidence, result.log_evidence_stderr = run.pool.log_evidence(1.0)
         result.num_likelihood_evals = run.likelihood_evals
         result.num_gradient_evals = run.gradient_evals
-        result.wall_time = time.perf_counter() - start
+        result.wall_time = time.perf_counter() - began
         _warn_if_unfinished(result, run.beta, schedule)
         return result
 
@@ -207,8 +212,9 @@ class _Run:
     """The state of one fit: the pool of draws, the temperature, the calls spent, the next round's size."""
 
     def __init__(self, schedule: Schedule, adapter: PriorAdapter, guide: AutoLWFlow, loss: LikelihoodWeightedKL,
-                 progress: bool) -> None:
+                 progress: bool, start=None) -> None:
         self.schedule, self.adapter, self.guide, self.loss = schedule, adapter, guide, loss
+        self.given_start = getattr(start, "latent_dist", start)
         self.auto = schedule.num_rounds == "auto"
         self.one_shot = schedule.num_rounds == 1
         self.likelihood_evals = self.gradient_evals = 0
@@ -240,10 +246,13 @@ class _Run:
     # -- round 0 ---------------------------------------------------------------------------
 
     def start(self, min_ess: float) -> None:
-        """Round 0's draws: from the optima of the log joint where it has a gradient, else the prior."""
+        """Round 0's draws: from the given start, else from the optima of the log joint where it has a
+        gradient, else from the prior."""
         schedule, dim = self.schedule, self.guide.latent_dim
         proposal = None
-        if schedule.starts != "prior":
+        if self.given_start is not None:
+            proposal = self.given_start
+        elif schedule.starts != "prior":
             proposal = self._gradient_start()
         n = schedule.first_round_draws(dim, from_optima=proposal is not None)
         if proposal is None:
@@ -251,7 +260,7 @@ class _Run:
             self._count(likelihood=self.adapter.num_evaluated)
             self.pool = DrawPool(check_weights(draws, min_ess if self.one_shot else 0.0))
         else:
-            self.source = "optima"
+            self.source = "optima" if self.given_start is None else "start"
             proposal = Proposal(proposal, schedule.defensive, n)
             latents, log_lik, log_prior = self._draw(proposal, n)
             draws = WeightedDraws(latents, log_lik, log_prior, proposal.log_prob(latents, log_prior))

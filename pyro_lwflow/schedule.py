@@ -109,7 +109,7 @@ class RoundSummary:
     :param num_components: mixture components of the guide after it.
     :param num_steps: gradient steps it trained for.
     :param seconds: wall time of the round.
-    :param source: where its draws came from: ``"prior"``, ``"optima"`` or ``"guide"``.
+    :param source: where its draws came from: ``"prior"``, ``"optima"``, ``"start"`` (``fit(start=...)``) or ``"guide"``.
     """
 
     round: int

@@ -1,0 +1,697 @@
+"""Amortized posteriors: one training of ``q(θ | x)`` answers any data set ``x`` of a model.
+
+:func:`amortize` trains an :class:`AmortizedLWFlow` (a conditional RealNVP over a conditional
+Gaussian-mixture base, :mod:`pyro_lwflow.conditional`) from the model alone, in one of two ways:
+
+- **simulations** (the default): ``(θ, x)`` pairs from the model's prior predictive (its observed
+  sites left free, :func:`pyro.poutine.uncondition`), trained by maximum likelihood of θ given x;
+- **the paper's objective, amortized** (``data_sets=``): shared prior draws θᵢ weighted by each
+  data set's likelihood ``p(x_j | θᵢ)``, so one set of draws trains every data set's posterior.
+
+Then, with no model run, ``amortized.condition(x)`` (or ``amortized(x)``) is a posterior for a new
+data set with ``sample``, ``log_prob`` and ``to_arviz``; and, unlike simulation-only methods,
+:meth:`AmortizedLWFlow.check` weights its draws by the model's own likelihood (ESS, Pareto k̂,
+log evidence ± stderr, corrected draws), and :meth:`AmortizedLWFlow.refine` warm-starts
+:func:`~pyro_lwflow.fit` from it where the check says so.
+
+A data set is the values of the model's observed sites: a tensor when it has one, a dict
+``{site: value}`` otherwise; a leading extra dimension makes it a batch of data sets. The model's
+other arguments (covariates, sizes) stay those given to :func:`amortize`.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass
+
+import arviz as az
+import pyro
+import torch
+from pyro import poutine
+from torch import nn
+from tqdm.auto import tqdm
+
+from .adapter import PriorAdapter
+from .conditional import ConditionalMixture, conditional_flow, conditional_realnvp
+from .coordinates import BoxCoordinates, Standardize, box_coordinates
+from .diagnostics import pareto_k, psis_log_weights
+from .draws import WeightedDraws
+from .fit import _seeded, fit
+from .guide import AutoLWFlow
+from .modes import kmeans_plus_plus
+from .tracing import _PARTICLES, ModelTracer, as_model_data
+
+__all__ = ["AmortizedCheck", "AmortizedLWFlow", "AmortizedPosterior", "DataLayout", "amortize"]
+
+
+# -- the data sets ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DataLayout:
+    """The model's observed sites that carry data: names and shapes, and the flat vector of a data set.
+
+    :param names: observed site names, in trace order.
+    :param shapes: each site's value shape for one data set.
+    """
+
+    names: tuple[str, ...]
+    shapes: tuple[torch.Size, ...]
+
+    @property
+    def dim(self) -> int:
+        """Length of a flattened data set."""
+        return sum(math.prod(s) for s in self.shapes)
+
+    def as_batch(self, x) -> tuple[dict[str, torch.Tensor], bool]:
+        """A data set or a batch of them → ``({site: (B, *shape)}, batched)``.
+
+        :param x: a tensor (array, list) for a model with one observed site, or ``{site: value}``;
+            each value either of the site's shape (one data set) or with one more dimension on the
+            left (a batch).
+        :raises ValueError: naming the site, for a missing site or a value of the wrong shape.
+        """
+        if not isinstance(x, Mapping):
+            if len(self.names) != 1:
+                raise TypeError(f"the model has {len(self.names)} observed sites {list(self.names)}: pass a data "
+                                "set as a dict {site: value}")
+            x = {self.names[0]: x}
+        missing = [n for n in self.names if n not in x]
+        if missing:
+            raise ValueError(f"a data set needs a value for every observed site; missing {missing} "
+                             f"(the observed sites are {list(self.names)})")
+        out, batched = {}, None
+        for name, shape in zip(self.names, self.shapes, strict=True):
+            value = as_model_data(x[name])
+            value = torch.as_tensor(value, dtype=torch.get_default_dtype())
+            if tuple(value.shape) == tuple(shape):
+                this = False
+                value = value.unsqueeze(0)
+            elif tuple(value.shape[1:]) == tuple(shape):
+                this = True
+            else:
+                raise ValueError(f"the data for site '{name}' have shape {tuple(value.shape)}; expected the site's "
+                                 f"shape {tuple(shape)} for one data set, or (B, {', '.join(map(str, shape))}) "
+                                 "for a batch of B")
+            if batched is not None and this != batched:
+                raise ValueError("mix of one data set and a batch across the observed sites: give every site "
+                                 "the same leading batch dimension, or none")
+            batched = this
+            if not torch.isfinite(value).all():
+                raise ValueError(f"the data for site '{name}' hold NaN or infinite values")
+            out[name] = value
+        sizes = {v.shape[0] for v in out.values()}
+        if len(sizes) != 1:
+            raise ValueError(f"the observed sites have different batch sizes {sorted(sizes)}")
+        return out, bool(batched)
+
+    def flatten(self, x: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """``{site: (B, *shape)}`` → ``(B, dim)``."""
+        return torch.cat([x[n].reshape(x[n].shape[0], -1) for n in self.names], -1)
+
+    def unflatten(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``(B, dim)`` → ``{site: (B, *shape)}``."""
+        out, pos = {}, 0
+        for n, s in zip(self.names, self.shapes, strict=True):
+            size = math.prod(s)
+            out[n] = flat[:, pos : pos + size].reshape((-1,) + tuple(s))
+            pos += size
+        return out
+
+
+def _data_layout(tracer: ModelTracer) -> DataLayout:
+    """The observed sites of a model with a simulator: every observed site but ``pyro.deterministic``.
+
+    :raises ValueError: naming it, for a ``pyro.factor`` site (it has no simulator).
+    """
+    trace = tracer.trace(None, None)
+    names, shapes = [], []
+    for name in tracer.observed:
+        site = trace.nodes[name]
+        if site["infer"].get("_deterministic"):
+            continue
+        if site["infer"].get("is_auxiliary"):
+            raise ValueError(
+                f"Site '{name}' is a pyro.factor: amortization simulates data sets from the model, and a factor has "
+                "no simulator. Write that likelihood as pyro.sample(name, <distribution>, obs=data), whose "
+                "distribution can both sample and score the data."
+            )
+        names.append(name)
+        shapes.append(site["value"].shape)
+    return DataLayout(tuple(names), tuple(shapes))
+
+
+# -- the amortized guide ------------------------------------------------------------------------
+
+
+class AmortizedLWFlow(nn.Module):
+    """``q(θ | x)``: a conditional RealNVP over a conditional Gaussian-mixture base, for any data
+    set ``x`` of one Pyro model. Train it with :func:`amortize`.
+
+    It works in the same packed unconstrained latent space as :class:`~pyro_lwflow.AutoLWFlow`
+    (its :class:`~pyro_lwflow.layout.Layout`, from the same prototype trace), through the same fixed
+    maps (:class:`~pyro_lwflow.coordinates.Standardize`, set on the simulated θ, and
+    :class:`~pyro_lwflow.coordinates.BoxCoordinates` for bounded sites).
+
+    :param model: the Pyro model; ``model(*args, **model_kwargs)`` runs it on a template data set
+        (its observed values fix their shapes; covariates stay as given).
+    :param num_components: base mixture components ``K`` (``1``: a single Gaussian base). Several
+        separated modes need ``K`` at least their number; surplus components get small weights.
+    :param num_transforms, hidden_dims, log_scale_bound: the conditional couplings.
+    :param embedding: a :class:`torch.nn.Module` from a standardised data set to a context vector:
+        it receives ``(B, *shape)`` for a model with one observed site, else the flattened
+        ``(B, dim)`` concatenation. Default: an MLP on the flattened data.
+    :param embedding_dim: the default embedding's output size.
+    :param box_margin: as :class:`~pyro_lwflow.AutoLWFlow`'s.
+    """
+
+    def __init__(
+        self,
+        model: Callable,
+        *args,
+        model_kwargs: dict | None = None,
+        num_components: int = 4,
+        num_transforms: int = 6,
+        hidden_dims: Sequence[int] = (64, 64),
+        log_scale_bound: float = 3.0,
+        embedding: nn.Module | None = None,
+        embedding_dim: int = 32,
+        box_margin: float | None = 0.05,
+    ) -> None:
+        super().__init__()
+        if not (isinstance(num_components, int) and num_components >= 1):
+            raise ValueError(f"num_components must be a positive integer, got {num_components!r}")
+        self.model = model
+        self.args = as_model_data(tuple(args))
+        self.kwargs = as_model_data(dict(model_kwargs or {}))
+        template = AutoLWFlow(model, num_components=1, num_transforms=0, marginal_bins=None)
+        with poutine.block(hide_types=["param"]):  # the template only reads the model: no params stored
+            template.setup(*self.args, **self.kwargs)
+        self.prototype_trace = template.prototype_trace
+        self.layout = template.layout
+        self.tracer = ModelTracer(model, self.layout, self.args, self.kwargs)
+        self.data_layout = _data_layout(self.tracer)
+        dim = self.layout.dim
+        self.num_components = num_components
+        self.register_buffer("data_loc", torch.zeros(self.data_layout.dim))
+        self.register_buffer("data_scale", torch.ones(self.data_layout.dim))
+        self.embedding = embedding if embedding is not None else _mlp(self.data_layout.dim, embedding_dim)
+        with torch.no_grad():
+            context_dim = int(self._embed(self.data_layout.flatten(self._template_data())).shape[-1])
+        self.couplings = conditional_realnvp(dim, context_dim, num_transforms, hidden_dims, log_scale_bound)
+        self.base = ConditionalMixture(context_dim, torch.zeros(num_components, dim))
+        fixed = [Standardize(dim)]
+        if box_margin is not None:
+            fixed.append(box_coordinates(self.prototype_trace, self.layout, box_margin))
+        self.fixed = nn.ModuleList(fixed)
+        self.num_simulations = 0  # simulations trained on
+        self.num_likelihood_evals = 0  # likelihood evaluations spent in training (data_sets= mode)
+        self.losses: list[float] = []  # training loss per epoch (nats)
+        self.val_losses: list[float] = []  # held-out loss per epoch (nats)
+
+    # -- set-up -----------------------------------------------------------------------------
+
+    def _template_data(self) -> dict[str, torch.Tensor]:
+        trace = self.tracer.trace(None, None)
+        return {n: trace.nodes[n]["value"].detach().unsqueeze(0) for n in self.data_layout.names}
+
+    def _embed(self, flat: torch.Tensor) -> torch.Tensor:
+        """``(B, dim)`` flat data sets → ``(B, C)`` contexts."""
+        z = (flat.to(self.data_loc) - self.data_loc) / self.data_scale
+        if len(self.data_layout.names) == 1:
+            z = z.reshape((-1,) + tuple(self.data_layout.shapes[0]))
+        return self.embedding(z)
+
+    def model_units(self, latents: torch.Tensor) -> torch.Tensor:
+        """Packed unconstrained latents → linear in θ inside bounded supports (before standardising)."""
+        for part in self.fixed[::-1]:
+            if isinstance(part, BoxCoordinates):
+                latents = part.inv(latents)
+        return latents
+
+    @torch.no_grad()
+    def standardize_on(self, latents: torch.Tensor, data: torch.Tensor, seed: int = 0) -> None:
+        """Set the fixed maps from training draws ``(N, D)`` and flat data ``(N, dim)``: θ and x
+        standardised, the mixture components spread over θ (k-means++ in standardised units)."""
+        units = self.model_units(latents)
+        self.fixed[0].fit_(units)
+        self.data_loc.copy_(data.mean(0))
+        self.data_scale.copy_(data.std(0).nan_to_num(1.0).clamp_min(1e-6))
+        standardized = self.fixed[0].inv(units)
+        points = standardized[torch.randperm(len(standardized), generator=torch.Generator().manual_seed(seed))[:5_000]]
+        locs = kmeans_plus_plus(points, self.num_components, torch.Generator().manual_seed(seed))
+        self.base = ConditionalMixture(self.base.head.in_features, locs if self.num_components > 1 else 0 * locs)
+
+    # -- the distribution ---------------------------------------------------------------------
+
+    def latent_dist(self, flat: torch.Tensor) -> torch.distributions.Distribution:
+        """``q(z | x)`` over packed unconstrained latents for flat data sets ``(B, dim)``: batch shape
+        ``(B,)``, event ``(D,)``; ``sample((n,))`` is ``(n, B, D)``."""
+        return conditional_flow(self.base, self.couplings, self.fixed).condition(self._embed(flat))
+
+    def condition(self, x) -> AmortizedPosterior:
+        """The posterior for data set ``x`` (or a batch of them); see :class:`AmortizedPosterior`."""
+        data, batched = self.data_layout.as_batch(x)
+        return AmortizedPosterior(self, data, batched)
+
+    def forward(self, x) -> AmortizedPosterior:
+        """``amortized(x)`` is :meth:`condition`."""
+        return self.condition(x)
+
+    # -- the likelihood's word -------------------------------------------------------------------
+
+    def conditioned_model(self, data: Mapping[str, torch.Tensor]) -> Callable:
+        """The model with its observed sites set to one data set ``{site: value}`` (no batch dim)."""
+        return poutine.condition(self.model, data=dict(data))
+
+    def check(self, x, num_draws: int = 10_000, seed: int | None = 0, executor: Executor | None = None,
+              chunk_size: int = 100_000) -> AmortizedCheck | list[AmortizedCheck]:
+        """Weight ``num_draws`` draws of ``q(θ | x)`` by the model's own likelihood of ``x``.
+
+        :param x: a data set, or a batch of them (one check each).
+        :param seed: seeds the draws (the caller's RNG is left as it was); ``None`` uses it.
+        :param executor: evaluate the likelihood there, as :func:`~pyro_lwflow.fit` does.
+        :returns: an :class:`AmortizedCheck` (ESS, k̂, log evidence ± stderr, corrected draws), or a list
+            of them for a batch.
+        """
+        data, batched = self.data_layout.as_batch(x)
+        posterior = AmortizedPosterior(self, data, True)
+        with _seeded(seed), torch.no_grad():
+            latents = posterior.latent_dist.sample((num_draws,))  # (n, B, D)
+            log_q = posterior.latent_dist.log_prob(latents).double()
+        checks = []
+        for j in range(latents.shape[1]):
+            one = {k: v[j] for k, v in data.items()}
+            adapter = PriorAdapter(self.conditioned_model(one), self.prototype_trace, self.args, self.kwargs,
+                                   chunk_size, executor=executor)
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="The model raised for")
+                log_lik, log_prior = adapter.evaluate(latents[:, j])
+            draws = WeightedDraws(latents[:, j].float().contiguous(), _finite_or_neginf(log_lik),
+                                  _finite_or_neginf(log_prior), log_q[:, j])
+            checks.append(AmortizedCheck(draws, self.layout, one))
+        return checks if batched else checks[0]
+
+    def refine(self, x, **fit_kwargs):
+        """:func:`~pyro_lwflow.fit` on data set ``x``, its first round drawn from this guide's answer
+        (``fit(..., start=self.condition(x))``): a data set the amortized guide gets slightly wrong
+        costs a few thousand likelihood calls, not a fit from scratch.
+
+        :returns: the :class:`~pyro_lwflow.FitResult`.
+        """
+        data, batched = self.data_layout.as_batch(x)
+        if batched and next(iter(data.values())).shape[0] != 1:
+            raise ValueError("refine takes one data set; loop over a batch, refining those whose check says so")
+        one = {k: v[0] for k, v in data.items()}
+        return fit(self.conditioned_model(one), *self.args, model_kwargs=self.kwargs,
+                   start=AmortizedPosterior(self, data, False), **fit_kwargs)
+
+    # -- simulation ----------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def simulate(self, num: int, seed: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``num`` draws from the prior predictive: ``((num, D) packed latents, (num, dim) flat data)``.
+
+        Traced in one vectorised pass (the observed sites left free,
+        :func:`pyro.poutine.uncondition`); a model that does not vectorise is run draw by draw.
+        """
+        with _seeded(seed):
+            try:
+                return self._simulate_vectorized(num)
+            except (RuntimeError, ValueError) as err:
+                warnings.warn(f"Simulating one data set at a time: the model does not vectorise under a "
+                              f"pyro.plate ({err}).", stacklevel=2)
+            rows = [self._simulate_vectorized(1, batched=False) for _ in range(num)]
+            return torch.cat([r[0] for r in rows]), torch.cat([r[1] for r in rows])
+
+    def _simulate_vectorized(self, num: int, batched: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        tracer = self.tracer
+        model = poutine.block(poutine.uncondition(self.model), hide_types=["param"])
+        with pyro.validation_enabled(False):
+            if batched:
+                with pyro.plate(_PARTICLES, num, dim=-tracer.max_plate_nesting - 1):
+                    trace = poutine.trace(model).get_trace(*self.args, **self.kwargs)
+            else:
+                trace = poutine.trace(model).get_trace(*self.args, **self.kwargs)
+        values = {}
+        for site in self.layout:
+            value = trace.nodes[site.name]["value"]
+            if value.numel() != num * math.prod(site.shape):
+                raise RuntimeError(f"site '{site.name}' has shape {tuple(value.shape)} under vectorisation")
+            values[site.name] = value.reshape((num,) + tuple(site.shape))
+        latents = self.layout.pack(values)[0].float()
+        parts = []
+        for name, shape in zip(self.data_layout.names, self.data_layout.shapes, strict=True):
+            value = trace.nodes[name]["value"]
+            size = math.prod(shape)
+            if value.numel() != num * size:
+                raise RuntimeError(f"site '{name}' has shape {tuple(value.shape)} under vectorisation")
+            parts.append(value.reshape(num, size).to(torch.get_default_dtype()))
+        return latents, torch.cat(parts, -1)
+
+
+class AmortizedPosterior:
+    """The amortized guide's answer for one data set (or a batch of ``B``): no model run.
+
+    :param guide: the :class:`AmortizedLWFlow`.
+    :param data: ``{site: (B, *shape)}``.
+    :param batched: whether the data were given as a batch (then draws carry a ``B`` dimension).
+    """
+
+    def __init__(self, guide: AmortizedLWFlow, data: dict[str, torch.Tensor], batched: bool) -> None:
+        self.guide, self.data, self.batched = guide, data, batched
+        with torch.no_grad():
+            self._dist = guide.latent_dist(guide.data_layout.flatten(data))
+
+    @property
+    def latent_dist(self) -> torch.distributions.Distribution:
+        """``q(z | x)`` over packed unconstrained latents; batch shape ``(B,)`` for a batch, else ``()``."""
+        if self.batched:
+            return self._dist
+        return _Squeezed(self._dist)
+
+    @torch.no_grad()
+    def sample(self, num_samples: int) -> dict[str, torch.Tensor]:
+        """``{site: (num_samples, *site_shape)}``, or ``(num_samples, B, *site_shape)`` for a batch."""
+        latents = self._dist.sample((num_samples,))  # (n, B, D)
+        n, b = latents.shape[:2]
+        values = self.guide.layout.unpack(latents.reshape(n * b, -1))
+        values = {k: v.reshape((n, b) + tuple(v.shape[1:])) for k, v in values.items()}
+        return values if self.batched else {k: v[:, 0] for k, v in values.items()}
+
+    def log_prob(self, values: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """``log q(θ | x)`` of constrained site values ``{site: (*batch, *site_shape)}`` (for a batch
+        of data sets, ``batch`` ends in ``B``), Jacobians of the support maps included: ``(*batch,)``."""
+        latents, log_det = self.guide.layout.pack({k: torch.as_tensor(v) for k, v in values.items()})
+        return self.latent_dist.log_prob(latents) - log_det
+
+    def to_arviz(self, num_samples: int = 4_000, num_chains: int = 4) -> az.InferenceData:
+        """Draws as :class:`arviz.InferenceData` (``posterior`` and ``observed_data``) for one data set."""
+        if self.batched:
+            raise ValueError("to_arviz takes one data set: condition on x[j] for data set j")
+        per_chain = num_samples // num_chains
+        draws = self.sample(per_chain * num_chains)
+        return az.from_dict(
+            posterior={k: v.cpu().numpy().reshape((num_chains, per_chain) + tuple(v.shape[1:]))
+                       for k, v in draws.items()},
+            observed_data={k: v[0].cpu().numpy() for k, v in self.data.items()},
+            attrs={"inference_library": "pyro_lwflow", "method": "amortized"},
+        )
+
+
+class _Squeezed(torch.distributions.Distribution):
+    """A batch-of-one distribution seen without its batch dimension."""
+
+    arg_constraints: dict = {}
+
+    def __init__(self, inner: torch.distributions.Distribution) -> None:
+        self.inner = inner
+        super().__init__(torch.Size(), inner.event_shape, validate_args=False)
+
+    def sample(self, sample_shape=()):
+        return self.inner.sample(sample_shape).squeeze(-2)
+
+    def rsample(self, sample_shape=()):
+        return self.inner.rsample(sample_shape).squeeze(-2)
+
+    def log_prob(self, value):
+        return self.inner.log_prob(value.unsqueeze(-2)).squeeze(-1)
+
+
+@dataclass
+class AmortizedCheck:
+    """The model's likelihood on the amortized draws for one data set.
+
+    :param draws: the draws of ``q(θ | x)``, weighted by ``p(x | θ) p(θ) / q(θ | x)``.
+    :param layout: the model's latent sites.
+    :param data: the data set ``{site: value}``.
+    """
+
+    draws: WeightedDraws
+    layout: object
+    data: dict
+
+    @property
+    def num_likelihood_evals(self) -> int:
+        return len(self.draws)
+
+    @property
+    def ess(self) -> float:
+        """Kish effective sample size of the importance weights."""
+        return self.draws.ess
+
+    @property
+    def efficiency(self) -> float:
+        """ESS per draw, in ``(0, 1]``: 1 when ``q(θ | x)`` is the posterior."""
+        return self.ess / len(self.draws)
+
+    @property
+    def pareto_k(self) -> float:
+        """Pareto k̂ of the weights: < 0.5 good, 0.5–0.7 fair (correct with :meth:`sample`), > 0.7 refine."""
+        return pareto_k(self.draws)
+
+    @property
+    def log_evidence(self) -> float:
+        """``log p(x)`` estimated by importance sampling (nats)."""
+        return self.draws.log_evidence
+
+    @property
+    def log_evidence_stderr(self) -> float:
+        """Its standard error; ``inf`` when the weights cannot support one (k̂ > 0.7)."""
+        return self.draws.log_evidence_stderr
+
+    @property
+    def ok(self) -> bool:
+        """Whether the weights are reliable (k̂ < 0.7), so :meth:`sample` is a corrected posterior."""
+        return self.pareto_k < 0.7
+
+    def sample(self, num_samples: int, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """``{site: (num_samples, *site_shape)}`` corrected draws: the checked draws resampled by their
+        PSIS-smoothed importance weights."""
+        log_w, _ = psis_log_weights(self.draws.log_weights)
+        idx = torch.multinomial(torch.exp(log_w - log_w.max()), num_samples, replacement=True, generator=generator)
+        return self.layout.unpack(self.draws.latents[idx])
+
+    def line(self) -> str:
+        """One line: ESS, efficiency, k̂ and log evidence."""
+        return (f"ESS {self.ess:,.0f} of {len(self.draws):,} (efficiency {self.efficiency:.2f}), "
+                f"k̂ {self.pareto_k:.2f}, log Z {self.log_evidence:.3f} ± {self.log_evidence_stderr:.3f}")
+
+
+# -- training -----------------------------------------------------------------------------------
+
+
+def amortize(
+    model: Callable,
+    *args,
+    num_simulations: int = 10_000,
+    data_sets=None,
+    simulations: tuple[torch.Tensor, torch.Tensor] | None = None,
+    guide: AmortizedLWFlow | None = None,
+    num_components: int = 4,
+    embedding: nn.Module | None = None,
+    batch_size: int = 256,
+    lr: float = 3e-3,
+    max_epochs: int = 500,
+    patience: int = 20,
+    validation_fraction: float = 0.1,
+    clip_norm: float = 5.0,
+    seed: int | None = 0,
+    progress: bool = True,
+    model_kwargs: dict | None = None,
+    executor: Executor | None = None,
+    cache_dir: str | os.PathLike | None = None,
+) -> AmortizedLWFlow:
+    """Train ``q(θ | x)`` for every data set ``x`` of ``model`` at once.
+
+    By default from ``num_simulations`` draws of the model's prior predictive, by maximum
+    likelihood of θ given x (no likelihood evaluation). With ``data_sets`` (a batch of the user's
+    own data sets, ``(M, *shape)`` or ``{site: (M, *shape)}``), from ``num_simulations`` prior draws
+    shared by all of them, each weighted by each data set's likelihood (``M · num_simulations``
+    likelihood evaluations, on ``executor`` if given): the paper's objective, amortized.
+
+    Adam at ``lr``, halved whenever the loss on a held-out ``validation_fraction`` has not improved
+    for ``patience / 4`` epochs; training stops when it has not improved for ``patience`` epochs (or
+    after ``max_epochs``), and keeps the best held-out state.
+
+    :param model, args, model_kwargs: the model and a template data set (its observed values fix
+        their shapes; other arguments stay as given for every data set).
+    :param simulations: ``(θ, x)`` to train on instead of simulating: ``θ`` the constrained values
+        ``{site: (N, *shape)}`` (a tensor for a one-site model), ``x`` a data batch as in
+        :meth:`AmortizedLWFlow.condition`.
+    :param guide: an untrained :class:`AmortizedLWFlow` to train (its settings are used).
+    :param num_components, embedding: for a new guide (see :class:`AmortizedLWFlow`).
+    :param seed: everything runs on torch's RNG seeded with this (the caller's state is given back).
+    :returns: the trained :class:`AmortizedLWFlow`; ``.losses`` and ``.val_losses`` hold the curves.
+    """
+    with _seeded(seed):
+        if guide is None:
+            guide = AmortizedLWFlow(model, *args, model_kwargs=model_kwargs, num_components=num_components,
+                                    embedding=embedding)
+        if data_sets is not None:
+            if simulations is not None:
+                raise ValueError("pass either data_sets= (likelihood-weighted training) or simulations=, not both")
+            latents, weights, data = _weighted_pairs(guide, data_sets, num_simulations, executor, cache_dir,
+                                                     seed, progress)
+        else:
+            if simulations is not None:
+                latents, data = _given_simulations(guide, *simulations)
+            else:
+                latents, data = guide.simulate(num_simulations)
+            guide.num_simulations += len(latents)
+            weights = None
+        _check_finite(latents, data)
+        if not guide.losses:
+            guide.standardize_on(latents, data, seed=seed or 0)
+        _train(guide, latents, data, weights, batch_size, lr, max_epochs, patience, validation_fraction, clip_norm,
+               progress)
+    return guide
+
+
+def _given_simulations(guide: AmortizedLWFlow, theta, x) -> tuple[torch.Tensor, torch.Tensor]:
+    layout = guide.layout
+    if not isinstance(theta, Mapping):
+        if len(layout) != 1:
+            raise TypeError(f"simulations: the model has {len(layout)} latent sites {layout.names}: pass θ as a dict")
+        theta = {layout[0].name: theta}
+    latents, _ = layout.pack({k: torch.as_tensor(v, dtype=torch.get_default_dtype()) for k, v in theta.items()})
+    data, _ = guide.data_layout.as_batch(x)
+    flat = guide.data_layout.flatten(data)
+    if latents.dim() != 2 or latents.shape[0] != flat.shape[0]:
+        raise ValueError(f"simulations: θ gives {tuple(latents.shape)} packed latents but x holds {flat.shape[0]} "
+                         "data sets; pass one θ per data set, with the draws on the left")
+    return latents.float(), flat
+
+
+def _check_finite(latents: torch.Tensor, data: torch.Tensor) -> None:
+    if not torch.isfinite(latents).all():
+        raise ValueError("some prior draws are not finite: check the model's priors")
+    bad = ~torch.isfinite(data).all(-1)
+    if bad.all():
+        raise ValueError("every simulated data set holds NaN or infinite values: check the model's simulator")
+    if bad.any():
+        raise ValueError(f"{int(bad.sum())} simulated data sets hold NaN or infinite values; fix the simulator "
+                         "there (or give the prior no mass where it fails)")
+
+
+def _weighted_pairs(guide: AmortizedLWFlow, data_sets, num: int, executor, cache_dir, seed, progress):
+    """Shared prior draws and each data set's likelihood weights: ``((N, D) latents, (M, N) weights,
+    (M, dim) flat data)``."""
+    data, _ = guide.data_layout.as_batch(data_sets)
+    flat = guide.data_layout.flatten(data)
+    latents, log_lik = None, []
+    for j in tqdm(range(flat.shape[0]), disable=not progress, desc="likelihood per data set", unit="data set"):
+        one = {k: v[j] for k, v in data.items()}
+        adapter = PriorAdapter(guide.conditioned_model(one), guide.prototype_trace, guide.args, guide.kwargs,
+                               executor=executor, cache_dir=None if cache_dir is None else os.path.join(cache_dir,
+                                                                                                       str(j)),
+                               seed=seed)
+        if latents is None:
+            draws = adapter.sample(num)
+            latents = draws.latents
+            log_lik.append(draws.log_likelihood)
+        else:
+            log_lik.append(adapter.evaluate(latents)[0])
+        guide.num_likelihood_evals += adapter.num_evaluated
+    log_lik = _finite_or_neginf(torch.stack(log_lik))
+    weights = torch.softmax(log_lik, -1)
+    ess = 1.0 / (weights * weights).sum(-1)
+    low = torch.nonzero(ess < 50).flatten().tolist()
+    if low:
+        warnings.warn(
+            f"{len(low)} of {len(ess)} data sets (e.g. #{low[0]}, ESS {float(ess[low[0]]):.1f}) hold fewer than 50 "
+            f"effective draws among the {num:,} prior draws: their posteriors are far narrower than the prior. Raise "
+            "num_simulations, or train from simulations (no data_sets=).",
+            stacklevel=3,
+        )
+    guide.num_simulations += num
+    return latents, weights, flat
+
+
+def _train(guide: AmortizedLWFlow, latents, data, weights, batch_size, lr, max_epochs, patience, validation_fraction,
+           clip_norm, progress) -> None:
+    """Adam on ``−log q(θ | x)``: over ``(θᵢ, xᵢ)`` pairs, or (``weights`` ``(M, N)``) over pairs
+    ``(θᵢ, x_j)`` drawn in proportion to ``w_ji``; the best held-out state is kept."""
+    n = len(latents)
+    perm = torch.randperm(n)
+    num_val = max(int(validation_fraction * n), 1)
+    val, train = perm[:num_val], perm[num_val:]
+    if weights is not None:
+        val_pairs = _resample_pairs(weights[:, val], 4 * num_val)
+        val_pairs = (val[val_pairs[0]], val_pairs[1])
+        train_weights = weights[:, train]
+    steps_per_epoch = max(len(train) // batch_size, 1)
+    optim = torch.optim.Adam(guide.parameters(), lr=lr)
+    plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(optim, factor=0.5, patience=max(patience // 4, 1))
+    best, best_state, stale = math.inf, None, 0
+    bar = tqdm(range(max_epochs), disable=not progress, desc="amortize", unit="epoch")
+    for _ in bar:
+        guide.train()
+        if weights is None:
+            order = train[torch.randperm(len(train))]
+            batches = [(order[i * batch_size : (i + 1) * batch_size], None) for i in range(steps_per_epoch)]
+        else:
+            rows, cols = _resample_pairs(train_weights, steps_per_epoch * batch_size)
+            batches = [(train[rows[i * batch_size : (i + 1) * batch_size]],
+                        cols[i * batch_size : (i + 1) * batch_size]) for i in range(steps_per_epoch)]
+        total = 0.0
+        for rows, cols in batches:
+            x = data[rows] if cols is None else data[cols]
+            loss = -guide.latent_dist(x).log_prob(latents[rows]).mean()
+            optim.zero_grad(set_to_none=True)
+            loss.backward()
+            norm = torch.nn.utils.clip_grad_norm_(guide.parameters(), clip_norm)
+            if torch.isfinite(loss) and torch.isfinite(norm):
+                optim.step()
+                total += float(loss.detach())
+        guide.losses.append(total / len(batches))
+        guide.eval()
+        with torch.no_grad():
+            if weights is None:
+                current = _mean_nll(guide, latents[val], data[val])
+            else:
+                current = _mean_nll(guide, latents[val_pairs[0]], data[val_pairs[1]])
+        guide.val_losses.append(current)
+        plateau.step(current)
+        if current < best - 1e-4:
+            best, stale = current, 0
+            best_state = copy.deepcopy(guide.state_dict())
+        else:
+            stale += 1
+        bar.set_postfix_str(f"loss {guide.losses[-1]:.3f} held-out {current:.3f} (best {best:.3f})")
+        if stale >= patience:
+            break
+    bar.close()
+    if best_state is not None:
+        guide.load_state_dict(best_state)
+
+
+def _resample_pairs(weights: torch.Tensor, num: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``num`` pairs ``(draw i, data set j)``: ``j`` uniform, ``i`` in proportion to ``weights[j]`` ``(M, N)``."""
+    cols = torch.randint(weights.shape[0], (num,))
+    cdf = torch.cumsum(weights, -1)
+    u = torch.rand(num, dtype=cdf.dtype) * cdf[cols, -1]
+    rows = torch.searchsorted(cdf[cols], u[:, None]).squeeze(-1).clamp_(max=weights.shape[1] - 1)
+    return rows, cols
+
+
+@torch.no_grad()
+def _mean_nll(guide: AmortizedLWFlow, latents: torch.Tensor, data: torch.Tensor, chunk: int = 8_192) -> float:
+    total = sum(float(-guide.latent_dist(x).log_prob(z).sum())
+                for z, x in zip(latents.split(chunk), data.split(chunk), strict=True))
+    return total / len(latents)
+
+
+def _mlp(input_dim: int, output_dim: int, hidden: int = 64) -> nn.Module:
+    """The default embedding: flatten, then two hidden ReLU layers."""
+    return nn.Sequential(nn.Flatten(), nn.Linear(input_dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
+                         nn.Linear(hidden, output_dim))
+
+
+def _finite_or_neginf(x: torch.Tensor) -> torch.Tensor:
+    return torch.where(torch.isnan(x) | (x == math.inf), torch.full_like(x, -math.inf), x)

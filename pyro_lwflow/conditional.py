@@ -1,0 +1,133 @@
+"""Conditional RealNVP over a conditional Gaussian-mixture base: ``q(y | c)`` for a context ``c``.
+
+The amortized guide (:mod:`pyro_lwflow.amortized`) conditions on an embedding ``c`` of a data set.
+Both halves take it: Pyro's :class:`~pyro.distributions.transforms.ConditionalAffineCoupling`
+layers whose hypernets read ``c``, and a base mixture whose weights, locations and scales are
+functions of ``c`` (:class:`ConditionalMixture`), so every data set gets one component per mode of
+its own posterior and the flow needs no bridges between them, whatever ``c`` is.
+
+Shapes (Pyro's conditional-distribution convention): ``condition(c)`` with ``c`` of shape
+``(*batch, C)`` gives a distribution of batch shape ``batch``; ``sample((n,))`` is
+``(n, *batch, D)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import pyro.distributions as dist
+import torch
+from pyro.distributions import ConditionalDistribution, ConditionalTransformedDistribution
+from pyro.distributions.transforms import ConditionalAffineCoupling, Permute
+from pyro.nn import ConditionalDenseNN
+from torch import nn
+
+from .flows import _permutation
+
+__all__ = [
+    "BoundedConditionalHypernet", "ConditionalMixture", "ConditionalRealNVP", "conditional_flow", "conditional_realnvp",
+]
+
+MIN_SCALE = 1e-3  # smallest component scale (standardised units)
+
+
+class BoundedConditionalHypernet(nn.Module):
+    """A :class:`~pyro.nn.ConditionalDenseNN` whose log-scale is squashed into ``(-bound, bound)``
+    and whose last layer starts at zero (the coupling starts at the identity), as
+    :class:`~pyro_lwflow.flows.BoundedHypernet` for the unconditional flow.
+
+    :param input_dim: size of the conditioning half of ``y``.
+    :param context_dim: size ``C`` of the context.
+    :param hidden_dims: hidden layer widths.
+    :param output_dim: size of the transformed half.
+    :param bound: the largest absolute log-scale.
+    """
+
+    def __init__(self, input_dim: int, context_dim: int, hidden_dims: Sequence[int], output_dim: int,
+                 bound: float) -> None:
+        super().__init__()
+        self.net = ConditionalDenseNN(input_dim, context_dim, list(hidden_dims), param_dims=[output_dim, output_dim])
+        last = self.net.layers[-1]
+        nn.init.zeros_(last.weight)
+        nn.init.zeros_(last.bias)
+        self.bound = bound
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        shift, log_scale = self.net(x, context=context)
+        return shift, self.bound * torch.tanh(log_scale / self.bound)
+
+
+class ConditionalRealNVP(nn.Module):
+    """Conditional affine couplings and fixed permutations, in order from the base to the output
+    (``parts``); the couplings' parameters are this module's. Maps ``(..., D) → (..., D)`` given a
+    context ``(..., C)``."""
+
+    def __init__(self, parts: Sequence) -> None:
+        super().__init__()
+        self.parts = list(parts)
+        self.couplings = nn.ModuleList(p for p in parts if isinstance(p, nn.Module))
+
+
+def conditional_realnvp(dim: int, context_dim: int, num_transforms: int = 6, hidden_dims: Sequence[int] = (64, 64),
+                        log_scale_bound: float = 3.0) -> ConditionalRealNVP:
+    """``num_transforms`` conditional affine couplings, each followed by the same fixed permutations
+    as :func:`~pyro_lwflow.flows.realnvp` (a last one restores the order). Empty for ``dim < 2``."""
+    parts: list = []
+    if dim < 2:
+        return ConditionalRealNVP(parts)
+    split = (dim + 1) // 2
+    order = torch.arange(dim)
+    for layer in range(num_transforms):
+        hypernet = BoundedConditionalHypernet(split, context_dim, hidden_dims, dim - split, log_scale_bound)
+        parts.append(ConditionalAffineCoupling(split, hypernet, log_scale_min_clip=-log_scale_bound,
+                                               log_scale_max_clip=log_scale_bound))
+        if layer < num_transforms - 1:
+            perm = _permutation(dim, layer)
+            parts.append(Permute(perm))
+            order = order[perm]
+    if not torch.equal(order, torch.arange(dim)):
+        parts.append(Permute(torch.argsort(order)))
+    return ConditionalRealNVP(parts)
+
+
+class ConditionalMixture(nn.Module, ConditionalDistribution):
+    """A mixture of ``K`` diagonal Gaussians in ``R^D`` whose weights, locations and scales are
+    affine functions of the context: ``condition(c)`` is a :class:`~pyro.distributions.MixtureSameFamily`.
+
+    The locations start at ``init_locs`` (``(K, D)``, e.g. spread over the prior by k-means++) and the
+    context's influence starts small, so each component starts in its own region and moves with
+    the data set; ``K = 1`` is the single-Gaussian base.
+
+    :param context_dim: size ``C`` of the context.
+    :param init_locs: ``(K, D)`` starting locations.
+    :param init_scale: starting scale of every component.
+    """
+
+    def __init__(self, context_dim: int, init_locs: torch.Tensor, init_scale: float = 0.5) -> None:
+        super().__init__()
+        k, d = init_locs.shape
+        self.num_components, self.dim = k, d
+        self.head = nn.Linear(context_dim, k * (1 + 2 * d))
+        with torch.no_grad():
+            self.head.weight.mul_(0.1)
+            bias = torch.zeros(k, 1 + 2 * d)
+            bias[:, 1 : 1 + d] = init_locs
+            bias[:, 1 + d :] = torch.log(torch.expm1(torch.tensor(init_scale - MIN_SCALE)))
+            self.head.bias.copy_(bias.reshape(-1))
+
+    def parameters_at(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(logits (*batch, K), locs (*batch, K, D), scales (*batch, K, D))`` at a context ``(*batch, C)``."""
+        out = self.head(context).unflatten(-1, (self.num_components, 1 + 2 * self.dim))
+        logits, locs, raw = out[..., 0], out[..., 1 : 1 + self.dim], out[..., 1 + self.dim :]
+        return logits, locs, nn.functional.softplus(raw) + MIN_SCALE
+
+    def condition(self, context: torch.Tensor) -> dist.MixtureSameFamily:
+        logits, locs, scales = self.parameters_at(context)
+        return dist.MixtureSameFamily(dist.Categorical(logits=logits), dist.Normal(locs, scales).to_event(1))
+
+
+def conditional_flow(base: ConditionalMixture, couplings: ConditionalRealNVP,
+                     fixed: Sequence) -> ConditionalTransformedDistribution:
+    """The conditional distribution ``q(z | c)``: ``base``, then ``couplings``, then the fixed maps
+    (standardisation, box coordinates) to Pyro's packed unconstrained latents."""
+    return ConditionalTransformedDistribution(base, couplings.parts + list(fixed))

@@ -1,0 +1,154 @@
+"""Amortized posteriors: one training, any data set; checked and corrected by the likelihood."""
+
+import math
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+
+from pyro_lwflow import AmortizedLWFlow, Schedule, amortize, calibrate
+from pyro_lwflow.calibration import coverage_curve, sbc_ranks
+
+PRIOR_SD, NOISE, N = 2.0, 0.5, 10
+
+
+def normal_mean(y=None):
+    y = torch.zeros(N) if y is None else y
+    mu = pyro.sample("mu", dist.Normal(0.0, PRIOR_SD))
+    with pyro.plate("data", N):
+        pyro.sample("y", dist.Normal(mu, NOISE), obs=y)
+
+
+def exact(y: torch.Tensor) -> tuple[float, float, float]:
+    """Posterior mean and sd of mu, and log p(y), in closed form."""
+    precision = 1 / PRIOR_SD**2 + N / NOISE**2
+    mean = float(y.sum()) / NOISE**2 / precision
+    cov = NOISE**2 * torch.eye(N, dtype=torch.float64) + PRIOR_SD**2
+    log_z = float(dist.MultivariateNormal(torch.zeros(N, dtype=torch.float64), cov).log_prob(y.double()))
+    return mean, precision**-0.5, log_z
+
+
+def data_sets() -> torch.Tensor:
+    g = torch.Generator().manual_seed(3)
+    return torch.stack([m + NOISE * torch.randn(N, generator=g) for m in (-2.0, 0.3, 1.7)])
+
+
+@pytest.fixture(scope="module")
+def amortized() -> AmortizedLWFlow:
+    return amortize(normal_mean, num_simulations=4_000, num_components=1, max_epochs=60, patience=10, seed=0,
+                    progress=False)
+
+
+@pytest.mark.slow
+def test_amortized_draws_match_the_closed_form_for_every_data_set(amortized):
+    ys = data_sets()
+    draws = amortized.condition(ys).sample(20_000)["mu"]  # (n, B)
+    assert draws.shape == (20_000, 3)
+    for j, y in enumerate(ys):
+        mean, sd, _ = exact(y)
+        assert abs(float(draws[:, j].mean()) - mean) < 0.25 * sd
+        assert 0.8 < float(draws[:, j].std()) / sd < 1.2
+
+
+@pytest.mark.slow
+def test_the_check_weights_by_the_likelihood_and_corrects(amortized):
+    ys = data_sets()
+    checks = amortized.check(ys, num_draws=5_000, seed=1)
+    assert len(checks) == 3
+    for y, check in zip(ys, checks, strict=True):
+        mean, sd, log_z = exact(y)
+        assert check.num_likelihood_evals == 5_000
+        assert check.efficiency > 0.5 and check.pareto_k < 0.7 and check.ok
+        assert abs(check.log_evidence - log_z) < 4 * check.log_evidence_stderr + 1e-3
+        corrected = check.sample(20_000, generator=torch.Generator().manual_seed(0))["mu"]
+        assert abs(float(corrected.mean()) - mean) < 0.1 * sd
+        assert 0.9 < float(corrected.std()) / sd < 1.1
+
+
+def test_one_data_set_and_a_batch_have_the_documented_shapes(amortized):
+    y = data_sets()[0]
+    one = amortized.condition(y)
+    assert amortized(y).sample(7)["mu"].shape == (7,)
+    draws = one.sample(11)
+    assert draws["mu"].shape == (11,)
+    assert one.log_prob(draws).shape == (11,)
+    assert one.latent_dist.sample((5,)).shape == (5, 1)
+    batch = amortized.condition({"y": data_sets()})
+    draws = batch.sample(11)
+    assert draws["mu"].shape == (11, 3)
+    assert batch.log_prob(draws).shape == (11, 3)
+    idata = one.to_arviz(num_samples=400, num_chains=4)
+    assert idata.posterior["mu"].shape == (4, 100)
+    assert torch.allclose(torch.as_tensor(idata.observed_data["y"].values), y)
+
+
+def test_bad_data_sets_name_the_site_and_the_fix(amortized):
+    with pytest.raises(ValueError, match=r"site 'y' have shape \(4,\); expected the site's shape \(10,\)"):
+        amortized.condition(torch.zeros(4))
+    with pytest.raises(ValueError, match="site 'y' hold NaN"):
+        amortized.condition(torch.full((N,), math.nan))
+    with pytest.raises(ValueError, match=r"missing \['y'\]"):
+        amortized.condition({"z": torch.zeros(N)})
+    with pytest.raises(ValueError, match="refine takes one data set"):
+        amortized.refine(data_sets())
+
+
+def test_a_factor_likelihood_has_no_simulator_and_says_so():
+    def model(y=None):
+        y = torch.zeros(3) if y is None else y
+        mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
+        pyro.factor("loglik", dist.Normal(mu, 1.0).log_prob(y).sum(-1))
+
+    with pytest.raises(ValueError, match="Site 'loglik' is a pyro.factor.*pyro.sample"):
+        AmortizedLWFlow(model)
+
+
+@pytest.mark.slow
+def test_likelihood_weighted_training_on_a_stack_of_data_sets():
+    ys = data_sets()
+    amortized = amortize(normal_mean, data_sets=ys, num_simulations=4_000, num_components=1, max_epochs=60,
+                         patience=10, seed=0, progress=False)
+    assert amortized.num_likelihood_evals == 3 * 4_000
+    draws = amortized.condition(ys).sample(20_000)["mu"]
+    for j, y in enumerate(ys):
+        mean, sd, _ = exact(y)
+        assert abs(float(draws[:, j].mean()) - mean) < 0.25 * sd
+        assert 0.8 < float(draws[:, j].std()) / sd < 1.2
+
+
+@pytest.mark.slow
+def test_refine_warm_starts_fit_from_the_amortized_answer(amortized):
+    y = data_sets()[1]
+    mean, sd, _ = exact(y)
+    result = amortized.refine(y, schedule=Schedule(target_ess=5_000), progress=False)
+    assert result.rounds[0].source == "start"
+    assert result.num_gradient_evals == 0  # no optimiser: the amortized answer is the start
+    assert result.num_likelihood_evals <= 25_000
+    draws = result.sample(20_000)["mu"]
+    assert abs(float(draws.mean()) - mean) < 0.1 * sd
+    assert 0.9 < float(draws.std()) / sd < 1.1
+
+
+@pytest.mark.slow
+def test_calibration_of_a_trained_guide_is_uniform(amortized):
+    calibration = calibrate(amortized, num_simulations=400, num_draws=99, seed=2)
+    assert calibration.ranks.shape == (400, 1)
+    assert calibration.p_values().min() > 0.01
+    assert calibration.max_coverage_error < 0.1
+    fig = calibration.plot()
+    assert len(fig.axes) == 2
+
+
+def test_sbc_and_coverage_flag_an_overconfident_posterior():
+    g = torch.Generator().manual_seed(0)
+    true = torch.randn(500, 1, generator=g)  # θ* ~ N(0, 1), and q = N(0, 0.5²) for every data set
+    draws = 0.5 * torch.randn(99, 500, 1, generator=g)
+    from pyro_lwflow.calibration import Calibration
+
+    levels = torch.linspace(0, 1, 11)
+    log_q = lambda t: dist.Normal(0.0, 0.5).log_prob(t).squeeze(-1)  # noqa: E731
+    coverage = coverage_curve(log_q(true), log_q(draws), levels)
+    calibration = Calibration(sbc_ranks(true, draws), 99, levels, coverage)
+    assert calibration.p_values().max() < 1e-6
+    assert float(coverage[5]) < 0.35  # the 50 % region holds far fewer than half of the true values
