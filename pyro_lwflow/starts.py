@@ -7,7 +7,9 @@ heavy-tailed Student-t on each, weighted by its Laplace evidence. Every point th
 evaluates is a *gradient evaluation* and is counted.
 
 Everything works on packed unconstrained latents ``(S, D)`` (:class:`~pyro_lwflow.layout.Layout`),
-through :meth:`~pyro_lwflow.tracing.ModelTracer.log_joint`.
+through :meth:`~pyro_lwflow.tracing.ModelTracer.log_joint`: one vectorised trace for all ``S``
+points, or, for a model that does not vectorise but is differentiable for one draw, one trace per
+point (the climb is the same, only slower).
 """
 
 from __future__ import annotations
@@ -59,32 +61,57 @@ class _Counted:
             warnings.simplefilter("ignore")
             log_lik, log_prior = self.tracer.log_joint(z)
             value = log_lik + log_prior
-            (grad,) = torch.autograd.grad(value.sum(), z)
+            if value.requires_grad:
+                (grad,) = torch.autograd.grad(value.sum(), z, allow_unused=True)
+            else:  # traced draw by draw, the model raised at every draw
+                grad = None
         value = value.detach()
+        grad = torch.zeros_like(z) if grad is None else grad
         grad = grad.double()
         bad = ~torch.isfinite(value) | ~torch.isfinite(grad).all(-1)
         return value.masked_fill(bad, -math.inf), grad.masked_fill(bad[:, None], 0.0)
 
 
-def is_differentiable(tracer: ModelTracer, latents: torch.Tensor) -> bool:
+def is_differentiable(tracer: ModelTracer, latents: torch.Tensor, probe: int = 64, max_traced: int = 16) -> bool:
     """Whether the log-likelihood has a finite, non-zero torch gradient at some of ``latents``
-    (``(N, D)``): false for a NumPy black box, a non-vectorised model, or a model that raises."""
+    (``(N, D)``): false for a NumPy black box, ``.item()`` or ``float()`` on a latent, or a model
+    that raises.
+
+    Decided at draws with a finite log-likelihood: draws where the model overflows (a ``-inf`` or
+    NaN log-likelihood or gradient) are skipped. A vectorised model is tried at the first
+    ``probe`` draws in one pass; one that does not vectorise (:meth:`ModelTracer.check_vectorization`)
+    one draw at a time, up to ``max_traced`` draws, stopping at the first with a finite
+    log-likelihood (its gradient, or the lack of one, decides).
+    """
     tracer.check_vectorization(latents)
-    if not tracer.vectorized:
-        return False
-    z = latents[:8].detach().float().requires_grad_(True)
+    if tracer.vectorized:
+        return _has_gradient(tracer, latents[:probe])
+    for i in range(min(max_traced, latents.shape[0])):
+        answer = _has_gradient(tracer, latents[i : i + 1])
+        if answer is not None:
+            return answer
+    return False
+
+
+def _has_gradient(tracer: ModelTracer, latents: torch.Tensor) -> bool | None:
+    """Whether the log-likelihood has a finite non-zero gradient at some of ``latents``; ``None``
+    if it is finite at none of them (nothing decided)."""
+    z = latents.detach().float().requires_grad_(True)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             log_lik, _ = tracer.log_joint(z)
+            finite = torch.isfinite(log_lik.detach())
+            if not finite.any():
+                return None
             if not log_lik.requires_grad:
                 return False
-            (grad,) = torch.autograd.grad(log_lik.sum(), z, allow_unused=True)
+            (grad,) = torch.autograd.grad(log_lik[finite].sum(), z, allow_unused=True)
     except Exception:  # noqa: BLE001 - any failure (a .numpy() on a graph, a raise) means "no gradient"
         return False
     if grad is None:
         return False
-    ok = torch.isfinite(log_lik.detach()) & torch.isfinite(grad).all(-1)
+    ok = finite & torch.isfinite(grad).all(-1)
     return bool(ok.any() and (grad[ok] != 0).any())
 
 

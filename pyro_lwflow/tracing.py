@@ -2,8 +2,9 @@
 
 :class:`ModelTracer` is the one place the library runs the user's model. For ``N`` draws it traces
 the model once under a vectorising particle plate (dimension ``-max_plate_nesting - 1``), after
-checking on a few draws that this gives what tracing draw by draw gives; a model that does not
-vectorise (a NumPy black box, Python control flow) is traced draw by draw, with a warning. It also
+checking on a few draws that this gives what tracing draw by draw gives (where both are finite: a
+model may overflow differently on part of the prior); a model that does not vectorise (a NumPy
+black box, Python control flow) is traced draw by draw, with a warning giving the reason. It also
 checks, once, what a fixed-dimension flow over Pyro's unconstrained space cannot represent, and says
 so naming the site: NaN in the data, a randomly subsampled data plate, a support that depends on
 another latent, latent sites that change with the drawn values.
@@ -222,44 +223,87 @@ class ModelTracer:
 
     def log_joint(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Differentiable ``(log-likelihood, log prior)``, each ``(N,)`` float64, at ``(N, D)`` packed
-        unconstrained latents (Jacobians included), traced in one vectorised pass.
-
-        :raises RuntimeError: if the model does not vectorise (see :meth:`check_vectorization`).
+        unconstrained latents (Jacobians included): traced in one vectorised pass, or, for a model
+        that does not vectorise (see :meth:`check_vectorization`), one draw at a time, each trace
+        keeping its autograd graph. Traced draw by draw, a draw for which the model raises gets NaN
+        (and no gradient).
         """
         if not self.vectorized:
-            raise RuntimeError("log_joint needs a model that vectorises under a pyro.plate")
+            return self._log_joint_sequential(latents)
         n = latents.shape[0]
         trace = self.trace(self._values(latents), n, grad=True)
         dim = -self.max_plate_nesting - 1
         log_lik = sum(_per_draw(trace.nodes[name]["log_prob"], n, dim) for name in self.observed)
         return log_lik, self._pack(trace, n)[1]
 
-    def check_vectorization(self, latents: torch.Tensor) -> None:
-        """Decide, once, whether the model vectorises: trace the first three of ``latents`` both ways.
+    def _log_joint_sequential(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        nan = torch.tensor(math.nan, dtype=torch.float64)
+        log_lik, log_prior = [], []
+        for i in range(latents.shape[0]):
+            try:
+                trace = self.trace(self._values(latents[i : i + 1], batched=False), None, grad=True)
+                with torch.set_grad_enabled(True):
+                    lp = self._pack(trace, None)[1][0]
+                    ll = sum(trace.nodes[k]["log_prob"].sum().double() for k in self.observed)
+            except ModelStructureError:
+                raise
+            except Exception:  # noqa: BLE001 - a model that fails in a region of the prior
+                ll = lp = nan
+            log_lik.append(torch.as_tensor(ll, dtype=torch.float64))
+            log_prior.append(lp)
+        if not log_lik:
+            return torch.empty(0, dtype=torch.float64), torch.empty(0, dtype=torch.float64)
+        return torch.stack(log_lik), torch.stack(log_prior)
 
-        A model that does not is traced one draw at a time from then on, with a warning.
+    def check_vectorization(self, latents: torch.Tensor, k: int = 3, probe: int = 64, max_traced: int = 8) -> None:
+        """Decide, once, whether the model vectorises: trace draws of ``latents`` both ways and compare
+        their log-likelihoods where both are finite.
+
+        The first ``k`` draws are traced both ways; if fewer than ``k`` of them have a finite
+        log-likelihood both ways (a model that overflows on part of the prior, e.g. an explosive
+        recursion), the best of the first ``probe`` draws by their vectorised log-likelihood are
+        traced one by one too, up to ``max_traced`` in all. Draws where either way is not finite
+        (``-inf``, ``inf``, NaN: overflow, or a model that raises there) are not compared. A model
+        that does not vectorise is traced one draw at a time from then on, with a warning giving
+        the reason.
         """
         if self.vectorized is not None:
             return
-        k = min(latents.shape[0], 3)
-        sample = latents[:k].detach().to("cpu", torch.float32)
-        seq = self._sequential(sample)
-        if seq.num_failed == k:  # no draw can be traced at all: a bug in the model, not a region
-            self.trace(self._values(sample[:1], batched=False), None)
+        sample = latents[:probe].detach().to("cpu", torch.float32)
+        first = sample[:k]
+        seq = self._sequential(first)
+        if seq.num_failed == first.shape[0]:  # no draw can be traced at all: a bug in the model, not a region
+            self.trace(self._values(first[:1], batched=False), None)
         try:
-            ll_vec, _ = self._vectorized(sample)
+            ll_vec, _ = self._vectorized(first)
         except ModelStructureError:
             raise
         except Exception as err:  # noqa: BLE001 - any failure means "not vectorisable"
             reason = f"tracing it under a vectorising pyro.plate failed ({type(err).__name__}: {err})"
         else:
-            if torch.allclose(ll_vec, seq.log_likelihood, **_TOLERANCE):
+            ll_seq = seq.log_likelihood
+            both = torch.isfinite(ll_vec) & torch.isfinite(ll_seq)
+            if int(both.sum()) < k and sample.shape[0] > k:
+                ll_vec, ll_seq = self._more_draws(sample[k:], ll_vec, ll_seq, k - int(both.sum()),
+                                                  max_traced - first.shape[0])
+                both = torch.isfinite(ll_vec) & torch.isfinite(ll_seq)
+            if both.any():
+                if torch.allclose(ll_vec[both], ll_seq[both], **_TOLERANCE):
+                    self.vectorized = True
+                    return
+                reason = (
+                    "its log-likelihood under a vectorising pyro.plate differs from draw-by-draw "
+                    f"tracing ({ll_vec[both].tolist()} vs {ll_seq[both].tolist()})"
+                )
+            elif not torch.isfinite(ll_seq).any():  # not finite either way at any draw tried: nothing contradicts it
                 self.vectorized = True
                 return
-            reason = (
-                "its log-likelihood under a vectorising pyro.plate differs from draw-by-draw "
-                f"tracing ({ll_vec.tolist()} vs {seq.log_likelihood.tolist()})"
-            )
+            else:
+                reason = (
+                    "its log-likelihood under a vectorising pyro.plate is not finite at any of the first "
+                    f"{sample.shape[0]} draws, while draw-by-draw tracing gives finite values "
+                    f"({ll_vec.tolist()} vs {ll_seq.tolist()})"
+                )
         self.vectorized = False
         warnings.warn(
             f"The model is traced one draw at a time because {reason}. This is much slower; to "
@@ -268,6 +312,29 @@ class ModelTracer:
             "loops or float()).",
             stacklevel=4,
         )
+
+    def _more_draws(self, sample: torch.Tensor, ll_vec: torch.Tensor, ll_seq: torch.Tensor, need: int,
+                    budget: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``ll_vec``, ``ll_seq`` extended by up to ``need`` draws of ``sample`` with a finite
+        vectorised log-likelihood (the highest first), traced one by one until ``need`` of them are
+        finite both ways or ``budget`` draws are traced."""
+        try:
+            more, _ = self._vectorized(sample)
+        except ModelStructureError:
+            raise
+        except Exception:  # noqa: BLE001 - a batch holding a failing draw: decide on the first draws
+            return ll_vec, ll_seq
+        order = torch.argsort(torch.nan_to_num(more, nan=-math.inf), descending=True)
+        order = order[torch.isfinite(more[order])][: max(budget, 0)]
+        vec, seq = [ll_vec], [ll_seq]
+        for i in order.tolist():
+            if need <= 0:
+                break
+            value = self._sequential(sample[i : i + 1]).log_likelihood
+            vec.append(more[i : i + 1])
+            seq.append(value)
+            need -= int(torch.isfinite(value).all())
+        return torch.cat(vec), torch.cat(seq)
 
     def _vectorized(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         n = latents.shape[0]
@@ -368,7 +435,7 @@ class ModelTracer:
             u = s.transform.inv(value)
             ladj = s.transform.log_abs_det_jacobian(u, value)
             if n is None:
-                log_prior += float(site["log_prob"].sum() + ladj.sum())
+                log_prior = log_prior + (site["log_prob"].sum() + ladj.sum()).double()
             else:
                 ladj = sum_rightmost(ladj, ladj.dim() - value.dim() + site["fn"].event_dim)
                 log_prior += _per_draw(site["log_prob"] + ladj, n, dim)
