@@ -276,9 +276,9 @@ class _Run:
         if not is_differentiable(tracer, prior_latents):
             if schedule.starts == "gradient":
                 raise ValueError(
-                    "Schedule(starts='gradient') needs a log-likelihood that is differentiable in torch and a model "
-                    "that vectorises, but this model's has no finite gradient (a NumPy black box, .item() or "
-                    "float() on a latent, or a non-vectorised model). Use starts='auto' or 'prior'."
+                    "Schedule(starts='gradient') needs a log-likelihood that is differentiable in torch, but this "
+                    "model's has no finite gradient (a NumPy black box, or .item() or float() on a latent). Use "
+                    "starts='auto' or 'prior'."
                 )
             return None
         self.bar.set_postfix_str("finding modes by L-BFGS")
