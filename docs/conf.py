@@ -58,8 +58,8 @@ nitpicky = False  # Pyro's and torch's classes in the type hints are not documen
 # -- generated pages --------------------------------------------------------------------------
 
 MODULE_ORDER = [
-    "fit", "schedule", "guide", "loss", "draws", "adapter", "tracing", "layout", "evaluation", "adaptive", "starts",
-    "modes", "flows",
+    "fit", "amortized", "calibration", "schedule", "guide", "loss", "draws", "adapter", "tracing", "layout",
+    "evaluation", "adaptive", "starts", "modes", "flows", "conditional",
     "coordinates", "diagnostics", "metrics",
     "arviz", "io", "plots", "models", "model_files", "truth", "cli",
 ]
@@ -92,6 +92,7 @@ def _first_line(module) -> str:
 def _api_pages() -> None:
     api = _fresh(DOCS / "api")
     found = [m.name for m in pkgutil.iter_modules(pyro_lwflow.__path__) if not m.name.startswith("_")]
+    found.append("models")  # the top-level models/ folder, installed as pyro_lwflow.models
     names = [n for n in MODULE_ORDER if n in found] + sorted(set(found) - set(MODULE_ORDER))
     rows = []
     for name in names:
