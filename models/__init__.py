@@ -10,6 +10,9 @@ file               models
                    each with ``.truth``
 ``normal_scale``   Normal data with unknown mean and HalfNormal scale over a plate, with
                    ``.example_data()``
+``sbi_tasks``      three tasks of the SBI benchmark (sbibm 1.1.0: ``two_moons``, ``slcp``,
+                   ``gaussian_linear``) with sbibm's priors and simulators and closed-form
+                   likelihoods; each simulates under ``pyro.poutine.uncondition``
 =================  ============================================================================
 
 Each file is an ordinary module of this package (``pyro_lwflow.models.paper_targets``) and
