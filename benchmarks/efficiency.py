@@ -2,7 +2,8 @@
 
     python benchmarks/efficiency.py [--cases three_mode_2d linear_regression ...]
                                     [--methods lwflow nautilus pocomc dynesty nuts]
-                                    [--seed 0] [--quick] [--schedule KEY=VALUE ...] [--out benchmarks/results]
+                                    [--seed 0] [--quick] [--schedule KEY=VALUE ...] [--score-draws 5]
+                                    [--out benchmarks/results]
 
 Cases: the paper's five targets (``models/paper_targets.py``), the ``gmm_5d``,
 ``gmm_10d``, ``gmm_20d`` mixtures (``high_dim.py``) and the real-shaped models of
@@ -21,17 +22,25 @@ non-centred). Methods, all run in this one process so their costs compare:
 * ``nuts``: Pyro NUTS, 4 chains one after another (1,000 warm-up + 5,000 draws each, all 20,000
   draws kept); calls = potential-energy evaluations, gradient ones counted apart.
 
-Scores. Mixtures (``.truth``), as ``benchmarks/high_dim.py``: 20,000 method draws against 20,000
-exact ones (``truth.sample(20000, seed=1)``): ``w1_avg`` over its noise floor (the same metric between
-two independent exact sets, median of 3), mode-weight error, bridge mass, |log Ẑ − log Z|; pass =
-W1 ≤ 1.5 × floor (for gmm_20d also 2 ×). Real-shaped models: against a long NUTS reference
+Scores. Mixtures (``.truth``): the mean (and sd) over ``K = --score-draws`` (default 5) independent
+20,000-draw samples of the method, sample ``k`` against its own 20,000 exact draws
+(``truth.sample(20000, seed=2k+1)``), of ``w1_avg``, mode-weight error and bridge mass (a single
+sample's random split between the modes moves W1 by a whole noise floor). ``W1/floor`` is the mean
+``w1_avg`` over the noise floor, the mean over the same ``K`` pairs of independent exact sets
+(seeds ``2k+1``, ``2k+2``) of the same metric; its sd is that of the ``K`` ratios. lwflow's samples
+come from the guide (per round too); a nested sampler's are ``K`` multinomial resamples of its
+weighted draws (seeds ``seed … seed + K − 1``); NUTS keeps its one set of 20,000 draws (scored
+against each of the ``K`` exact sets). Also |log Ẑ − log Z|; pass = mean W1 ≤ 1.5 × floor (for
+gmm_20d also 2 ×). Real-shaped models: against a long NUTS reference
 (4 chains × 5,000 draws after 1,000 warm-up, target accept 0.9, cached in
 ``<out>/reference/<case>.pt`` with its settings and reused while they match; eight schools centred
 takes its reference from the non-centred parametrisation, whose NUTS run has no funnel), on the
 flattened constrained parameter vector: mean err = max over coordinates of |mean − ref mean| / ref sd,
 sd ratios = sd / ref sd; pass = mean err ≤ 0.1 and every sd ratio in [0.9, 1.1]. "calls to pass":
 for lwflow the calls of the first round whose draws pass; for a peer its total calls if its final
-draws pass.
+draws pass (real-shaped models score the first of the ``K`` samples only). lwflow's per-round
+trajectory also has ``calls_per_ess`` (the round's calls per effective draw it added at β = 1) and
+``total_calls_per_ess`` (cumulative calls per ESS), from its ``RoundSummary``.
 
 Writes ``efficiency.md``, ``.json`` (command, machine, versions, settings, every row, lwflow's
 per-round trajectory) and ``efficiency.png`` (one panel per case: quality against calls, log x;
@@ -83,6 +92,7 @@ FILES = {**dict.fromkeys(PAPER, "paper_targets"), **dict.fromkeys(HIGH_DIM, "hig
          **dict.fromkeys(REAL, "real_models")}
 METHODS = ("lwflow", "nautilus", "pocomc", "dynesty", "nuts")
 NUM_DRAWS = 20_000
+SCORE_DRAWS = 5  # independent NUM_DRAWS-draw samples a mixture's quality is averaged over (--score-draws)
 W1_PASS, W1_PASS_LOOSE = 1.5, 2.0  # × the noise floor; the loose one reported for gmm_20d
 LOOSE_CASES = ("gmm_20d",)
 MEAN_PASS, SD_PASS = 0.1, 0.1  # mean err ≤ 0.1 ref sd; every sd ratio within 1 ± 0.1
@@ -108,7 +118,7 @@ def reference_settings(quick: bool) -> dict:
 class Case:
     """A model, its data, its unit-cube form, and what its draws are scored against."""
 
-    def __init__(self, name: str, quick: bool, out: Path) -> None:
+    def __init__(self, name: str, quick: bool, out: Path, score_draws: int = SCORE_DRAWS) -> None:
         self.name, self.file = name, FILES[name]
         self.model = models.load(f"{self.file}:{name}")
         self.args = tuple(self.model.example_data()) if hasattr(self.model, "example_data") else ()
@@ -116,9 +126,15 @@ class Case:
         self.dim = self.cube.dim
         self.truth = getattr(self.model, "truth", None)
         self.loose = name in LOOSE_CASES
+        self.score_draws = score_draws
         if self.truth is not None:
-            self.exact = self.truth.sample(NUM_DRAWS, seed=1)
-            self.floor = metrics.noise_floor(self.truth.sample, metrics.w1_avg, NUM_DRAWS, repeats=3)
+            # K exact sets to score K method samples against, and the floor over K pairs of exact sets
+            self.exacts = [self.truth.sample(NUM_DRAWS, seed=2 * k + 1) for k in range(score_draws)]
+            self.exact = self.exacts[0]
+            self.floors = [metrics.w1_avg(e, self.truth.sample(NUM_DRAWS, seed=2 * k + 2))
+                           for k, e in enumerate(self.exacts)]
+            self.floor = float(np.mean(self.floors))
+            self.floor_sd = _sd(self.floors)
             self.reference = None
         else:
             self.reference = _reference(self, quick, out)
@@ -130,21 +146,36 @@ class Case:
     def flatten(self, values: dict[str, torch.Tensor], n: int) -> torch.Tensor:
         return self.cube.flatten(values, n)
 
-    def score(self, draws: torch.Tensor, log_z: float | None) -> dict:
-        """The case's metrics of ``(N, d)`` flattened draws, ``pass`` and the plotted ``quality``."""
-        draws = draws.float()
-        finite = bool(torch.isfinite(draws).all())
+    def score(self, draws: torch.Tensor | list[torch.Tensor], log_z: float | None) -> dict:
+        """The case's metrics of ``(N, d)`` flattened draws (or a list of independent such samples:
+        mixtures average over them, sample ``k`` against exact set ``k``; one sample is scored
+        against each of the ``K`` exact sets), ``pass`` and the plotted ``quality``."""
+        samples = [d.float() for d in (draws if isinstance(draws, (list, tuple)) else [draws])]
+        finite = all(bool(torch.isfinite(d).all()) for d in samples)
         log_z = None if log_z is None or not math.isfinite(log_z) else float(log_z)
         if self.truth is not None:
-            w1 = metrics.w1_avg(self.exact, draws) if finite else math.inf
+            if len(samples) == 1:
+                pairs = [(samples[0], e) for e in self.exacts]
+            else:
+                pairs = [(d, self.exacts[k % len(self.exacts)]) for k, d in enumerate(samples)]
+            w1s = [metrics.w1_avg(e, d) if finite else math.inf for d, e in pairs]
+            mwes = [metrics.mode_weight_error(self.truth.component_log_probs, self.truth.weights, d)
+                    for d in samples] if finite else None
+            bridges = [metrics.bridge_mass(self.truth.log_prob, e, d) for d, e in pairs] if finite else None
+            w1 = float(np.mean(w1s))
             ratio = w1 / self.floor
             row = {
                 "w1_avg": w1,
+                "w1_avg_sd": _sd(w1s),
                 "w1_noise_floor": self.floor,
+                "w1_noise_floor_sd": self.floor_sd,
                 "w1_over_floor": ratio,
-                "mode_weight_error": metrics.mode_weight_error(self.truth.component_log_probs, self.truth.weights,
-                                                               draws) if finite else None,
-                "bridge_mass": metrics.bridge_mass(self.truth.log_prob, self.exact, draws) if finite else None,
+                "w1_over_floor_sd": _sd([w / self.floor for w in w1s]),
+                "mode_weight_error": float(np.mean(mwes)) if finite else None,
+                "mode_weight_error_sd": _sd(mwes) if finite else None,
+                "bridge_mass": float(np.mean(bridges)) if finite else None,
+                "score_samples": len(samples),
+                "score_pairs": len(pairs),
                 "log_evidence": log_z,
                 "log_evidence_error": None if log_z is None else abs(log_z - self.truth.log_evidence),
                 "quality": ratio,
@@ -154,6 +185,7 @@ class Case:
                 row["pass_2x"] = ratio <= W1_PASS_LOOSE
             return row
         ref = self.reference
+        draws = samples[0]
         mean, sd = draws.double().mean(0), draws.double().std(0)
         err = ((mean - ref["mean"]).abs() / ref["sd"])
         ratio = sd / ref["sd"]
@@ -170,6 +202,12 @@ class Case:
             "quality": quality,
             "pass": finite and mean_err <= MEAN_PASS and abs(lo - 1.0) <= SD_PASS and abs(hi - 1.0) <= SD_PASS,
         }
+
+
+def _sd(values) -> float | None:
+    """Sample sd (``ddof=1``) of finite ``values``; ``None`` for fewer than two."""
+    values = [float(v) for v in values if v is not None and math.isfinite(v)]
+    return float(np.std(values, ddof=1)) if len(values) > 1 else None
 
 
 def _reference(case: Case, quick: bool, out: Path) -> dict:
@@ -239,11 +277,15 @@ def run_lwflow(case: Case, seed: int, quick: bool, overrides: dict) -> dict:
     trajectory: list[dict] = []
     scoring = [0.0]
 
-    def draws_of(sampler, salt: int) -> torch.Tensor:
-        # on a forked RNG: scoring must not shift the fit's random stream
+    def draws_of(sampler, salt: int) -> list[torch.Tensor]:
+        # on a forked RNG: scoring must not shift the fit's random stream; K independent samples for a
+        # mixture (the first one the same as the single sample of before), one for a real-shaped model
+        out = []
         with torch.random.fork_rng(devices=[]), torch.no_grad():
-            torch.manual_seed(seed * 7919 + salt)
-            return case.flatten(sampler(NUM_DRAWS), NUM_DRAWS)
+            for k in range(case.score_draws if case.truth is not None else 1):
+                torch.manual_seed(seed * 7919 + salt + 100_003 * k)
+                out.append(case.flatten(sampler(NUM_DRAWS), NUM_DRAWS))
+        return out
 
     def callback(guide, summary) -> None:
         t0 = time.perf_counter()
@@ -251,12 +293,14 @@ def run_lwflow(case: Case, seed: int, quick: bool, overrides: dict) -> dict:
         grad = int(getattr(summary, "num_gradient_evals", 0) or 0)
         point = {"round": len(trajectory), "likelihood_evals": lik, "gradient_evals": grad, "calls": lik + grad,
                  **{k: v for k, v in _summary_dict(summary).items()
-                    if k in ("beta", "ess", "pareto_k", "log_evidence", "num_components")}}
+                    if k in ("beta", "ess", "pareto_k", "log_evidence", "num_components", "calls_per_ess",
+                             "total_calls_per_ess")}}
         point.update(case.score(draws_of(guide.sample_posterior, len(trajectory) + 1),
                                 getattr(summary, "log_evidence", None)))
         trajectory.append(point)
+        per_ess = point.get("calls_per_ess")
         print(f"    round {point['round']}: calls {point['calls']:,} (β={point.get('beta')}) "
-              f"quality {point['quality']:.3g} pass {point['pass']}", flush=True)
+              f"calls/ΔESS {_fmt(per_ess)} quality {point['quality']:.3g} pass {point['pass']}", flush=True)
         scoring[0] += time.perf_counter() - t0
 
     notes = []
@@ -329,7 +373,10 @@ def run_peer(case: Case, method: str, seed: int, quick: bool) -> dict:
            "calls": calls, "library_evals": res.library_evals, "seconds": res.seconds,
            "log_evidence_stderr": res.log_evidence_stderr, "num_draws": int(res.draws.shape[0]),
            "settings": res.settings, **res.extra}
-    row.update(case.score(res.draws, res.log_evidence))
+    samples = [res.draws]
+    if res.resample_draws is not None and case.truth is not None:
+        samples += [res.resample_draws(NUM_DRAWS, seed + k) for k in range(1, case.score_draws)]
+    row.update(case.score(samples, res.log_evidence))
     row["calls_to_pass"] = calls if row["pass"] else None
     if case.loose:
         row["calls_to_pass_2x"] = calls if row["pass_2x"] else None
@@ -388,6 +435,11 @@ def _fmt(v, fmt="{:.3g}") -> str:
     return fmt.format(v)
 
 
+def _pm(sd, fmt: str) -> str:
+    """`` ± sd`` for a table cell, or nothing without one."""
+    return "" if sd is None or (isinstance(sd, float) and not math.isfinite(sd)) else " ± " + fmt.format(sd)
+
+
 def _calls(r: dict) -> str:
     if r.get("error"):
         return "–"
@@ -413,6 +465,9 @@ def _markdown(cases: dict, meta: dict) -> str:
         f"{'; QUICK (tiny budgets, a smoke test)' if meta['quick'] else ''}",
         "",
         "Calls = likelihood + gradient evaluations. Mixtures pass at W1 ≤ 1.5 × its 20,000-draw noise floor;",
+        f"their W1/floor, mode-weight error and bridge mass are means ± sd over {meta.get('score_draws', 1)} "
+        "independent 20,000-draw samples (lwflow: of the guide; nested samplers: resamples of their weighted draws; "
+        "NUTS: its one set), each against its own exact set, the floor averaged over as many pairs of exact sets;",
         "real-shaped models at mean err ≤ 0.1 ref sd and sd ratios in [0.9, 1.1] against a long NUTS reference.",
         "",
         "## Calls to reach the pass criterion",
@@ -427,7 +482,8 @@ def _markdown(cases: dict, meta: dict) -> str:
     for name, c in cases.items():
         lines += ["", f"## {name} ({c['file']}, d = {c['dim']})", ""]
         if c["kind"] == "mixture":
-            lines.append(f"W1 noise floor {c['w1_noise_floor']:.4f}; exact log Z {c['log_evidence']:.4f}; "
+            lines.append(f"W1 noise floor {c['w1_noise_floor']:.4f}{_pm(c.get('w1_noise_floor_sd'), '{:.4f}')}; "
+                         f"exact log Z {c['log_evidence']:.4f}; "
                          f"pass: W1 ≤ {W1_PASS} × floor{f' (also {W1_PASS_LOOSE} ×)' if c['loose'] else ''}.")
             lines.append("")
             head = ["method", "calls (lik / grad)", "seconds", "W1/floor", "mode wt err", "bridge", "abs ΔlogZ",
@@ -449,7 +505,8 @@ def _markdown(cases: dict, meta: dict) -> str:
                 continue
             cells = [r["method"], _calls(r), f"{r['seconds']:.1f}"]
             if c["kind"] == "mixture":
-                cells += [_fmt(r["w1_over_floor"], "{:.2f}"), _fmt(r["mode_weight_error"], "{:.4f}"),
+                cells += [_fmt(r["w1_over_floor"], "{:.2f}") + _pm(r.get("w1_over_floor_sd"), "{:.2f}"),
+                          _fmt(r["mode_weight_error"], "{:.4f}") + _pm(r.get("mode_weight_error_sd"), "{:.4f}"),
                           _fmt(r["bridge_mass"], "{:.4f}"), _fmt(r["log_evidence_error"], "{:.4f}"),
                           _fmt(r["pass"]), _to_pass(r)]
                 if c["loose"]:
@@ -460,6 +517,12 @@ def _markdown(cases: dict, meta: dict) -> str:
                           _fmt(r["log_evidence"], "{:.3f}"), _fmt(r["pass"]), _to_pass(r)]
             lines.append("| " + " | ".join(cells) + " |")
         notes = [f"{r['method']}: {n}" for r in c["rows"] for n in r.get("notes", [])]
+        for r in c["rows"]:
+            rounds = r.get("round_summaries") or []
+            if r["method"] == "lwflow" and rounds and "calls_per_ess" in rounds[0]:
+                per = ", ".join(_fmt(p.get("calls_per_ess"), "{:.3g}").replace("–", "∞") for p in rounds)
+                notes.append(f"lwflow: calls per effective draw gained (ESS at β = 1), round by round: {per}; "
+                             f"calls per ESS at the stop {_fmt(rounds[-1].get('total_calls_per_ess'), '{:.3g}')}")
         for r in c["rows"]:
             lib = r.get("library_evals")
             if lib is not None and lib != r["likelihood_evals"]:
@@ -600,8 +663,14 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny budgets: a smoke test")
     parser.add_argument("--schedule", nargs="*", default=[], metavar="KEY=VALUE",
                         help="fields of lwflow's Schedule (e.g. num_steps=300)")
+    parser.add_argument("--score-draws", type=int, default=SCORE_DRAWS, metavar="K",
+                        help="independent 20,000-draw samples a mixture's W1, mode-weight error and bridge mass are "
+                             "averaged over, against a noise floor averaged over K pairs of exact sets "
+                             "(default %(default)s)")
     parser.add_argument("--out", default=str(HERE / "results"))
     args = parser.parse_args()
+    if args.score_draws < 1:
+        raise SystemExit("--score-draws must be at least 1")
     torch.set_num_threads(1)
     overrides = _parse_overrides(args.schedule)
     out = Path(args.out)
@@ -616,7 +685,7 @@ def main() -> None:
             methods.append(m)
     meta = {"command": "python " + " ".join(shlex.quote(a) for a in sys.argv), **_machine(),
             "lwflow_api": _lwflow_api(), "seed": args.seed, "quick": args.quick, "methods": methods,
-            "schedule_overrides": overrides, "num_draws": NUM_DRAWS,
+            "schedule_overrides": overrides, "num_draws": NUM_DRAWS, "score_draws": args.score_draws,
             "started": time.strftime("%Y-%m-%d %H:%M:%S")}
     if meta["lwflow_api"] != "schedule" and "lwflow" in methods:
         print("note: pyro_lwflow has no Schedule / callback yet: lwflow runs on the legacy fit API, final point only",
@@ -626,12 +695,12 @@ def main() -> None:
         name = _case_name(raw)
         print(f"== {name}", flush=True)
         t0 = time.perf_counter()
-        case = Case(name, args.quick, out)
+        case = Case(name, args.quick, out, args.score_draws)
         entry = {"file": case.file, "dim": case.dim, "kind": case.kind, "loose": case.loose,
                  "labels": case.cube.labels, "vectorized": case.cube.vectorized, "rows": []}
         if case.truth is not None:
-            entry.update(w1_noise_floor=case.floor, log_evidence=case.truth.log_evidence,
-                         num_modes=case.truth.num_modes)
+            entry.update(w1_noise_floor=case.floor, w1_noise_floor_sd=case.floor_sd, w1_noise_floors=case.floors,
+                         log_evidence=case.truth.log_evidence, num_modes=case.truth.num_modes)
         else:
             entry["reference"] = {**case.reference["settings"], "divergences": case.reference.get("divergences"),
                                   "gradient_evals": case.reference.get("gradient_evals"),

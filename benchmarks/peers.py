@@ -55,6 +55,8 @@ class PeerResult:
     :param likelihood_evals: calls of the likelihood as our counter saw them.
     :param library_evals: the same as the library counts them (``None`` where it has no count).
     :param gradient_evals: gradient evaluations of the log density (NUTS only).
+    :param resample_draws: ``(num, seed) → (num, d)`` another equally weighted set resampled from the
+        library's weighted draws (``draws`` is the one of the run's own seed); ``None`` for NUTS.
     """
 
     method: str
@@ -67,6 +69,7 @@ class PeerResult:
     log_evidence_stderr: float | None = None
     settings: dict = field(default_factory=dict)
     extra: dict = field(default_factory=dict)
+    resample_draws: Callable[[int, int], torch.Tensor] | None = None
 
 
 # -- the unit-cube adapter ------------------------------------------------------------------------
@@ -298,7 +301,8 @@ def run_nautilus(cube: UnitCube, num_draws: int, seed: int, quick: bool = False)
     u = resample(points, log_w, num_draws, seed)
     return PeerResult("nautilus", cube.transform(u), cube.calls, seconds, library_evals=int(sampler.n_like),
                       log_evidence=float(sampler.log_z), settings={**s, "seed": seed},
-                      extra={"posterior_points": len(points), "posterior_ess": _ess(log_w)})
+                      extra={"posterior_points": len(points), "posterior_ess": _ess(log_w)},
+                      resample_draws=lambda num, s: cube.transform(resample(points, log_w, num, s)))
 
 
 def pocomc_settings(quick: bool) -> dict:
@@ -329,7 +333,8 @@ def run_pocomc(cube: UnitCube, num_draws: int, seed: int, quick: bool = False) -
     return PeerResult("pocomc", cube.transform(u), cube.calls, seconds, library_evals=int(sampler.calls),
                       log_evidence=float(log_z), log_evidence_stderr=None if log_z_err is None else float(log_z_err),
                       settings={**s, "seed": seed},
-                      extra={"posterior_points": len(samples), "posterior_ess": _ess(np.log(weights))})
+                      extra={"posterior_points": len(samples), "posterior_ess": _ess(np.log(weights))},
+                      resample_draws=lambda num, s: cube.transform(resample(samples, np.log(weights), num, s)))
 
 
 def dynesty_settings(dim: int, quick: bool) -> dict:
@@ -356,7 +361,8 @@ def run_dynesty(cube: UnitCube, num_draws: int, seed: int, quick: bool = False) 
     return PeerResult("dynesty", cube.transform(u), cube.calls, seconds, library_evals=int(sampler.ncall),
                       log_evidence=float(res.logz[-1]), log_evidence_stderr=float(res.logzerr[-1]),
                       settings={**s, "seed": seed},
-                      extra={"sum_results_ncall": int(np.sum(res.ncall)), "posterior_ess": _ess(res.logwt)})
+                      extra={"sum_results_ncall": int(np.sum(res.ncall)), "posterior_ess": _ess(res.logwt)},
+                      resample_draws=lambda num, s: cube.transform(resample(res.samples, res.logwt, num, s)))
 
 
 PEERS = {"nautilus": run_nautilus, "pocomc": run_pocomc, "dynesty": run_dynesty}

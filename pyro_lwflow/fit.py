@@ -224,6 +224,7 @@ class _Run:
         self.last_round_efficiency = math.nan
         self.guide_efficiency = math.nan  # of the last round drawn from the guide
         self.source = "prior"
+        self.summarized_calls, self.summarized_ess = 0, 0.0  # at the last round's summary (calls per ESS gained)
         dim = guide.latent_dim
         self.round_ess = schedule.round_ess
         if guide.num_components == "auto":  # enough effective draws to count modes on
@@ -361,23 +362,37 @@ class _Run:
             train_draws = draws
         loss.set_draws(train_draws, model_args=(args, kwargs))
         steps = self.schedule.warm_steps if warm else self.schedule.num_steps
-        self.bar.set_postfix_str(f"β={beta:.3g} ESS={draws.ess:,.0f} training")
+        status = f"β={beta:.3g} ESS={draws.ess:,.0f} training"
+        self.bar.set_postfix_str(status)
+        report = None if self.bar.disable else self._training_report(status, steps)
         taken = _train(loss, model, guide, args, kwargs, result, steps, lr, lr_decay, clip_norm, held_out,
-                       progress=False)
+                       progress=False, report=report)
         guide.refit_mixture_weights(draws)
         self.trained_once = True
         return taken
 
+    def _training_report(self, status: str, steps: int) -> Callable[[int, float, float | None], None]:
+        """What :func:`_train` calls every ``CHECK_EVERY`` steps: the step count and the loss on the bar."""
+        def report(step: int, running: float, held_out: float | None) -> None:
+            loss = f"loss {running:.4g}" if held_out is None else f"held-out {held_out:.4g}"
+            self.bar.set_postfix_str(f"{status} step {step}/{steps} {loss}")
+        return report
+
     def summary(self, r: int, beta: float, steps: int, seconds: float) -> RoundSummary:
         at_one = self.pool.draws(1.0)
         log_z, log_z_stderr = self.pool.log_evidence(1.0)
+        ess = float(at_one.ess)
+        gained = ess - self.summarized_ess
+        calls_per_ess = (self.spent - self.summarized_calls) / gained if gained > 0 else math.inf
+        total_calls_per_ess = self.spent / ess if ess > 0 else math.inf
+        self.summarized_calls, self.summarized_ess = self.spent, ess
         summary = RoundSummary(
             round=r, beta=beta, num_draws=self.pool.proposals[-1].count, num_likelihood_evals=self.likelihood_evals,
             num_gradient_evals=self.gradient_evals, pool_size=len(self.pool), ess=at_one.ess,
             pareto_k=pareto_k(at_one), ess_at_beta=self.pool.draws(beta).ess, efficiency=self.last_round_efficiency,
             log_evidence=log_z, log_evidence_stderr=log_z_stderr,
             num_components=int(self.guide.mixture_logits.shape[0]), num_steps=steps, seconds=seconds,
-            source=self.source,
+            source=self.source, calls_per_ess=calls_per_ess, total_calls_per_ess=total_calls_per_ess,
         )
         self.bar.set_postfix_str(f"round {r} β={beta:.3g} ESS={summary.ess:,.0f} k̂={summary.pareto_k:.2f}")
         return summary
@@ -442,10 +457,16 @@ def _forget_params(guide: AutoLWFlow) -> None:
 
 
 def _train(loss, model, guide, args, kwargs, result, num_steps, lr, lr_decay, clip_norm,
-           held_out: WeightedDraws | None = None, progress: bool = False) -> int:
+           held_out: WeightedDraws | None = None, progress: bool = False,
+           report: Callable[[int, float, float | None], None] | None = None) -> int:
     """Up to ``num_steps`` of Adam on the loss, skipping any step whose loss or gradient is not
     finite; with ``held_out`` draws, stop once their weighted loss has not improved for two checks
     (every ``CHECK_EVERY`` steps). Returns the steps taken.
+
+    ``report(steps, running_loss, held_out_loss)`` is called every ``CHECK_EVERY`` steps (for a
+    progress display): the steps so far, the mean minibatch loss of the last ``CHECK_EVERY`` finite
+    steps (``nan`` if none) and the held-out loss of this check (``None`` without held-out draws).
+    It costs no model evaluation and touches no random stream.
 
     The parameters left behind are an exponential moving average of the iterates (Polyak–Ruppert
     averaging, horizon ~``1 / (1 − EMA_DECAY)`` steps): it cancels most of the minibatch noise the
@@ -456,6 +477,7 @@ def _train(loss, model, guide, args, kwargs, result, num_steps, lr, lr_decay, cl
     schedule = torch.optim.lr_scheduler.ExponentialLR(optim, lr_decay ** (1.0 / max(num_steps, 1)))
     average = [p.detach().clone() for p in params]
     best, stale, step = math.inf, 0, 0
+    first_loss = len(result.losses)
     with tqdm(range(num_steps), disable=not progress, unit="step", leave=False) as bar:
         for step in bar:
             optim.zero_grad(set_to_none=True)
@@ -463,6 +485,8 @@ def _train(loss, model, guide, args, kwargs, result, num_steps, lr, lr_decay, cl
             grad_norm = torch.nn.utils.clip_grad_norm_(params, clip_norm)
             if not (math.isfinite(value) and torch.isfinite(grad_norm)):
                 result.num_skipped_steps += 1  # never apply a non-finite step
+                if report is not None and (step + 1) % CHECK_EVERY == 0:
+                    report(step + 1, _running_loss(result.losses, first_loss), None)
                 continue
             optim.step()
             schedule.step()
@@ -470,15 +494,25 @@ def _train(loss, model, guide, args, kwargs, result, num_steps, lr, lr_decay, cl
                 decay = min(EMA_DECAY, (1 + step) / (10 + step))  # a short memory at first
                 torch._foreach_lerp_(average, [p.detach() for p in params], 1.0 - decay)
             result.losses.append(value)
-            if held_out is not None and (step + 1) % CHECK_EVERY == 0:
-                current = _held_out_loss(guide, held_out)
-                best, stale = (current, 0) if current < best - 1e-3 else (best, stale + 1)
+            if (step + 1) % CHECK_EVERY == 0:
+                current = None
+                if held_out is not None:
+                    current = _held_out_loss(guide, held_out)
+                    best, stale = (current, 0) if current < best - 1e-3 else (best, stale + 1)
+                if report is not None:
+                    report(step + 1, _running_loss(result.losses, first_loss), current)
                 if stale >= 2:
                     break
     with torch.no_grad():
         for p, a in zip(params, average, strict=True):
             p.copy_(a)
     return step + 1
+
+
+def _running_loss(losses: list[float], first: int) -> float:
+    """Mean of the last ``CHECK_EVERY`` losses recorded since index ``first`` (``nan`` if none)."""
+    recent = losses[max(first, len(losses) - CHECK_EVERY):]
+    return sum(recent) / len(recent) if recent else math.nan
 
 
 @torch.no_grad()

@@ -109,7 +109,16 @@ class RoundSummary:
     :param num_components: mixture components of the guide after it.
     :param num_steps: gradient steps it trained for.
     :param seconds: wall time of the round.
-    :param source: where its draws came from: ``"prior"``, ``"optima"``, ``"start"`` (``fit(start=...)``) or ``"guide"``.
+    :param source: where its draws came from: ``"prior"``, ``"optima"``, ``"start"``
+        (``fit(start=...)``) or ``"guide"``.
+    :param calls_per_ess: what this round's calls bought: the model evaluations it spent
+        (likelihood plus gradient; round 0's include the gradient start's) divided by how much it
+        raised the pooled ESS at β = 1 (``ess`` minus the previous round's, or minus 0 for round 0);
+        ``inf`` when the ESS did not rise, ``nan`` when nothing is known (a summary made by hand).
+        It can fall below 1: a round's proposal also joins the mixture that earlier draws are
+        weighted against, which can make their weights more even.
+    :param total_calls_per_ess: cumulative model evaluations per effective draw at β = 1
+        (``num_evals / ess``; ``inf`` when the ESS is 0).
     """
 
     round: int
@@ -128,6 +137,8 @@ class RoundSummary:
     num_steps: int
     seconds: float
     source: str
+    calls_per_ess: float = math.nan
+    total_calls_per_ess: float = math.nan
 
     @property
     def num_evals(self) -> int:
@@ -138,6 +149,14 @@ class RoundSummary:
         """One readable line, e.g. for a log."""
         beta = "  –  " if math.isnan(self.beta) else f"{self.beta:.3g}"
         return (f"round {self.round:2d} [{self.source}] β={beta} draws={self.num_draws:,} "
-                f"calls={self.num_evals:,} ESS={self.ess:,.0f} k̂={self.pareto_k:.2f} "
+                f"calls={self.num_evals:,} ESS={self.ess:,.0f} calls/ΔESS={_ratio(self.calls_per_ess)} "
+                f"calls/ESS={_ratio(self.total_calls_per_ess)} k̂={self.pareto_k:.2f} "
                 f"log Z={self.log_evidence:.4f}±{self.log_evidence_stderr:.4f} K={self.num_components} "
                 f"steps={self.num_steps} {self.seconds:.1f}s")
+
+
+def _ratio(x: float) -> str:
+    """A calls-per-ESS figure for :meth:`RoundSummary.line`: 3 significant digits, ``∞``, or ``–``."""
+    if math.isnan(x):
+        return "–"
+    return "∞" if math.isinf(x) else f"{x:.3g}"

@@ -177,3 +177,46 @@ def test_an_unreliable_fit_says_so_and_what_to_do():
         result = fit(model, num_components=1, schedule=Schedule.one_shot(2_000, num_steps=5), progress=False)
     assert result.ess < 10 and result.log_evidence_stderr == math.inf
     assert any("effective sample size of only" in str(w.message) and "initial_draws" in str(w.message) for w in caught)
+
+
+def test_each_round_reports_its_calls_per_effective_draw():
+    """Calls per ESS gained (per round) and per ESS (cumulative) on a seeded fit whose ESS grows."""
+    y = torch.tensor([0.5, 1.0, 1.5])
+    schedule = Schedule(num_steps=30, warm_steps=20, target_ess=3_000, round_ess=1_000, initial_draws=2_000,
+                        starts="prior")
+    result = fit(black_box, y, num_components=1, schedule=schedule, progress=False, seed=0)
+    assert len(result.rounds) >= 2
+    previous_ess, previous_calls = 0.0, 0
+    for r in result.rounds:
+        gained = r.ess - previous_ess
+        assert r.total_calls_per_ess == pytest.approx(r.num_evals / r.ess)
+        if gained > 0:
+            assert math.isfinite(r.calls_per_ess) and r.calls_per_ess > 0
+            assert r.calls_per_ess == pytest.approx((r.num_evals - previous_calls) / gained)
+        else:
+            assert r.calls_per_ess == math.inf
+        assert f"calls/ΔESS={r.calls_per_ess:.3g}" in r.line() and f"calls/ESS={r.total_calls_per_ess:.3g}" in r.line()
+        previous_ess, previous_calls = r.ess, r.num_evals
+    # the ESS grows every round here, so every round bought effective draws at a finite price
+    assert all(b.ess > a.ess for a, b in zip(result.rounds, result.rounds[1:], strict=False))
+    assert all(math.isfinite(r.calls_per_ess) and r.calls_per_ess > 0 for r in result.rounds)
+
+
+def test_a_hand_made_round_summary_keeps_its_fields_and_prints_unknown_ratios():
+    summary = RoundSummary(0, 1.0, 100, 100, 0, 100, 50.0, 0.1, 50.0, 0.5, -1.0, 0.01, 1, 10, 0.1, "prior")
+    assert math.isnan(summary.calls_per_ess) and "calls/ΔESS=–" in summary.line()
+    assert "calls/ESS=∞" in RoundSummary(**{**summary.__dict__, "total_calls_per_ess": math.inf}).line()
+
+
+def test_the_progress_bar_shows_training_steps_and_the_held_out_loss(capsys):
+    y = torch.tensor([0.5, 1.0, 1.5])
+    schedule = Schedule(num_steps=50, warm_steps=50, target_ess=3_000, round_ess=1_000, initial_draws=2_000,
+                        starts="prior")
+    quiet = fit(black_box, y, num_components=1, schedule=schedule, progress=False, seed=0)
+    capsys.readouterr()
+    shown = fit(black_box, y, num_components=1, schedule=schedule, progress=True, seed=0)
+    err = capsys.readouterr().err
+    assert "training step 25/50 loss " in err  # the first, cold round: the running minibatch loss
+    assert len(shown.rounds) >= 2 and "step 25/50 held-out " in err  # warm rounds: the held-out loss
+    # showing progress changes nothing the fit computes
+    assert shown.losses == quiet.losses and torch.equal(shown.draws.latents, quiet.draws.latents)
