@@ -56,6 +56,7 @@ def _make_model(name: str):
     model.__doc__ = (f"The paper's `{name}` target, amortized: Uniform({LOW}, {HIGH})^{dim} prior on `theta`, a data "
                      f"set `x` ({dim},) that shifts every mode by x.")
     model.truth = truth
+    model.dim = dim
     return model
 
 

@@ -51,3 +51,16 @@ def test_high_dim_benchmark_quick_over_seeds(tmp_path):
         assert r["target"] == "two_mode_2d" and r["likelihood_evals"] <= 50_000 and r["w1_avg"] > 0
     table = (tmp_path / "high_dim_quick.md").read_text()
     assert "## Mean over seeds" in table and "| two_mode_2d | adaptive, auto K |" in table
+
+
+@pytest.mark.slow
+def test_amortized_modes_benchmark_smoke(tmp_path):
+    cmd = [sys.executable, "benchmarks/amortized_modes.py", "--targets", "two_mode_2d", "--sims", "1000",
+           "--data-sets", "2", "--repeats", "1", "--max-epochs", "3", "--out", str(tmp_path)]
+    subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, timeout=240)
+
+    report = json.loads((tmp_path / "amortized_modes.json").read_text())
+    assert [(r["target"], r["components"]) for r in report["rows"]] == [("two_mode_2d", 2), ("two_mode_2d", 1)]
+    for row in report["rows"]:
+        assert len(row["per_data_set"]) == 2 and 0 <= row["bridge_mass"] <= 1 and row["w1_over_floor"] > 0
+    assert "| two_mode_2d | 2 |" in (tmp_path / "amortized_modes.md").read_text()
