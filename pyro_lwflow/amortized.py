@@ -33,6 +33,7 @@ import arviz as az
 import pyro
 import torch
 from pyro import poutine
+from pyro.poutine.messenger import Messenger
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -317,8 +318,8 @@ class AmortizedLWFlow(nn.Module):
     def simulate(self, num: int, seed: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``num`` draws from the prior predictive: ``((num, D) packed latents, (num, dim) flat data)``.
 
-        Traced in one vectorised pass (the observed sites left free,
-        :func:`pyro.poutine.uncondition`); a model that does not vectorise is run draw by draw.
+        Traced in one vectorised pass, the observed sites left free (as :func:`pyro.poutine.uncondition`
+        does, ``pyro.deterministic`` sites excepted); a model that does not vectorise is run draw by draw.
         """
         with _seeded(seed):
             try:
@@ -331,7 +332,7 @@ class AmortizedLWFlow(nn.Module):
 
     def _simulate_vectorized(self, num: int, batched: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         tracer = self.tracer
-        model = poutine.block(poutine.uncondition(self.model), hide_types=["param"])
+        model = poutine.block(_Unobserve(self.data_layout.names)(self.model), hide_types=["param"])
         with pyro.validation_enabled(False):
             if batched:
                 with pyro.plate(_PARTICLES, num, dim=-tracer.max_plate_nesting - 1):
@@ -353,6 +354,22 @@ class AmortizedLWFlow(nn.Module):
                 raise RuntimeError(f"site '{name}' has shape {tuple(value.shape)} under vectorisation")
             parts.append(value.reshape(num, size).to(torch.get_default_dtype()))
         return latents, torch.cat(parts, -1)
+
+
+class _Unobserve(Messenger):
+    """:func:`pyro.poutine.uncondition` for the named sites only: they sample from their
+    distribution (``pyro.deterministic`` sites stay as they are)."""
+
+    def __init__(self, names: Sequence[str]) -> None:
+        super().__init__()
+        self.names = set(names)
+
+    def _pyro_sample(self, msg: dict) -> None:
+        if msg["name"] in self.names and msg["is_observed"]:
+            msg["is_observed"] = False
+            msg["infer"]["was_observed"] = True
+            msg["value"] = None
+            msg["done"] = False
 
 
 class AmortizedPosterior:

@@ -9,6 +9,7 @@ import torch
 
 from pyro_lwflow import AmortizedLWFlow, Schedule, amortize, calibrate
 from pyro_lwflow.calibration import coverage_curve, sbc_ranks
+from tests import contract_models
 
 PRIOR_SD, NOISE, N = 2.0, 0.5, 10
 
@@ -152,3 +153,25 @@ def test_sbc_and_coverage_flag_an_overconfident_posterior():
     calibration = Calibration(sbc_ranks(true, draws), 99, levels, coverage)
     assert calibration.p_values().max() < 1e-6
     assert float(coverage[5]) < 0.35  # the 50 % region holds far fewer than half of the true values
+
+
+SHAPES = [n for n in contract_models.FITTED if n != "factor_only"]
+
+
+@pytest.mark.parametrize("name", SHAPES)
+def test_every_model_shape_of_the_contract_matrix_amortizes(name):
+    """Plates, constrained supports (positive, unit interval, simplex, Cholesky), deterministic sites,
+    keyword, NumPy and list data: simulate, train briefly, condition, sample inside the supports, check."""
+    model = getattr(contract_models, name)
+    data = model.example_data()
+    args, kwargs = ((), {"y": data, "noise": 1.0}) if name == "keyword_arguments" else ((data,), {})
+    amortized = amortize(model, *args, model_kwargs=kwargs, num_simulations=300, max_epochs=2, progress=False)
+    observed = {n: v[0] for n, v in amortized._template_data().items()}
+    posterior = amortized.condition(observed)
+    draws = posterior.sample(50)
+    for site in amortized.layout:
+        assert draws[site.name].shape == (50, *site.shape)
+        assert bool(site.support.check(draws[site.name]).all()), site.name
+    assert posterior.log_prob(draws).shape == (50,)
+    check = amortized.check(observed, num_draws=200)
+    assert 0 < check.ess <= 200 and math.isfinite(check.log_evidence)
