@@ -187,6 +187,10 @@ class AmortizedLWFlow(nn.Module):
         super().__init__()
         if not (isinstance(num_components, int) and num_components >= 1):
             raise ValueError(f"num_components must be a positive integer, got {num_components!r}")
+        self.settings = {"num_components": num_components, "num_transforms": num_transforms,
+                         "hidden_dims": list(hidden_dims), "log_scale_bound": log_scale_bound,
+                         "embedding_dim": embedding_dim, "box_margin": box_margin,
+                         "custom_embedding": embedding is not None}
         self.model = model
         self.args = as_model_data(tuple(args))
         self.kwargs = as_model_data(dict(model_kwargs or {}))

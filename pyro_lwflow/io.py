@@ -1,4 +1,5 @@
-"""Safe save and load of a fitted :class:`~pyro_lwflow.AutoLWFlow`: plain settings + ``state_dict``.
+"""Safe save and load of a fitted :class:`~pyro_lwflow.AutoLWFlow` or a trained
+:class:`~pyro_lwflow.AmortizedLWFlow`: plain settings + ``state_dict``.
 
 A saved file holds only a JSON config string, a format tag and the guide's ``state_dict()``
 (tensors), written with :func:`torch.save` and read back with ``torch.load(weights_only=True)``,
@@ -22,11 +23,13 @@ from pathlib import Path
 import pyro
 import torch
 
+from .amortized import AmortizedLWFlow
 from .guide import AutoLWFlow
 
-__all__ = ["FORMAT", "load", "load_config", "save"]
+__all__ = ["AMORTIZED_FORMAT", "FORMAT", "load", "load_config", "save"]
 
 FORMAT = "pyro_lwflow.guide/1"
+AMORTIZED_FORMAT = "pyro_lwflow.amortized/1"
 
 
 def save(result_or_guide, path: str | os.PathLike) -> Path:
@@ -42,8 +45,11 @@ def save(result_or_guide, path: str | os.PathLike) -> Path:
     from . import __version__
 
     guide = getattr(result_or_guide, "guide", result_or_guide)
+    if isinstance(guide, AmortizedLWFlow):
+        return _write(_amortized_payload(guide, __version__), Path(path))
     if not isinstance(guide, AutoLWFlow):
-        raise TypeError(f"save() takes a FitResult or an AutoLWFlow, got {type(result_or_guide).__name__}")
+        raise TypeError(f"save() takes a FitResult, an AutoLWFlow or an AmortizedLWFlow, got "
+                        f"{type(result_or_guide).__name__}")
     if guide.prototype_trace is None:
         raise ValueError("the guide has not been fitted (it has not seen the model yet); nothing to save")
     config = {
@@ -74,8 +80,23 @@ def save(result_or_guide, path: str | os.PathLike) -> Path:
             "seed": r.seed,
         }
     state = {k: v.detach().cpu().clone() for k, v in guide.state_dict().items()}
-    payload = {"format": FORMAT, "config": json.dumps(config), "state_dict": state}
-    path = Path(path)
+    return _write({"format": FORMAT, "config": json.dumps(config), "state_dict": state}, Path(path))
+
+
+def _amortized_payload(guide: AmortizedLWFlow, version: str) -> dict:
+    config = {
+        "format": AMORTIZED_FORMAT, "version": version, **guide.settings,
+        "sites": {s.name: list(s.shape) for s in guide.layout},
+        "data_sites": {n: list(s) for n, s in zip(guide.data_layout.names, guide.data_layout.shapes, strict=True)},
+        "num_simulations": guide.num_simulations, "num_likelihood_evals": guide.num_likelihood_evals,
+        "losses": guide.losses, "val_losses": guide.val_losses,
+    }
+    state = {k: v.detach().cpu().clone() for k, v in guide.state_dict().items()}
+    return {"format": AMORTIZED_FORMAT, "config": json.dumps(config), "state_dict": state}
+
+
+def _write(payload: dict, path: Path) -> Path:
+    """``torch.save`` to a temporary file in the same folder, then :func:`os.replace` into place."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as fh:
@@ -94,8 +115,13 @@ def load_config(path: str | os.PathLike) -> dict:
     return _read(path)[0]
 
 
-def load(path: str | os.PathLike, model: Callable, *model_args, **model_kwargs) -> AutoLWFlow:
+def load(path: str | os.PathLike, model: Callable, *model_args, embedding: torch.nn.Module | None = None,
+         **model_kwargs) -> AutoLWFlow | AmortizedLWFlow:
     """Rebuild a saved guide for ``model`` conditioned on ``*model_args, **model_kwargs``.
+
+    A saved :class:`~pyro_lwflow.AmortizedLWFlow` comes back as one (``model_args`` a template data
+    set, as for :func:`~pyro_lwflow.amortize`); one trained with a custom ``embedding`` needs a new
+    instance of the same module passed as ``embedding=`` (its weights are loaded from the file).
 
     The guide traces the model once (as on first use), gets the saved number of mixture
     components and then the saved parameters. Its entries in Pyro's global param store are
@@ -107,6 +133,8 @@ def load(path: str | os.PathLike, model: Callable, *model_args, **model_kwargs) 
         pickle of arbitrary objects: nothing in it is executed), or it does not fit the model.
     """
     config, state = _read(path)
+    if config["format"] == AMORTIZED_FORMAT:
+        return _load_amortized(path, config, state, model, model_args, model_kwargs, embedding)
     guide = AutoLWFlow(
         model,
         num_components=config["num_components"],
@@ -154,7 +182,7 @@ def _read(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
             f"'{path}' is not a pyro_lwflow guide file: it is corrupt, written by another program, or "
             f"holds objects other than tensors and plain values ({type(err).__name__}); nothing in it was run"
         ) from None
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+    if not isinstance(payload, dict) or payload.get("format") not in (FORMAT, AMORTIZED_FORMAT):
         found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
         raise ValueError(f"'{path}' is not a pyro_lwflow guide file (expected format {FORMAT!r}, found {found!r})")
     state = payload.get("state_dict")
@@ -164,8 +192,31 @@ def _read(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
         raise ValueError(f"'{path}' has no valid state_dict of tensors")
     try:
         config = json.loads(payload["config"])
+        config["format"] = payload["format"]
         for key in ("num_components", "num_transforms", "hidden_dims", "log_scale_bound"):
             config[key]  # noqa: B018 - presence check
     except (KeyError, TypeError, ValueError) as err:
         raise ValueError(f"'{path}' has a missing or invalid config: {err!r}") from None
     return config, state
+
+
+def _load_amortized(path, config: dict, state: dict, model: Callable, model_args: tuple, model_kwargs: dict,
+                    embedding: torch.nn.Module | None) -> AmortizedLWFlow:
+    if config.get("custom_embedding") and embedding is None:
+        raise ValueError(f"'{path}' was trained with a custom embedding: pass a new instance of the same module "
+                         "as load(..., embedding=...); its weights come from the file")
+    settings = {k: config[k] for k in ("num_components", "num_transforms", "hidden_dims", "log_scale_bound",
+                                       "embedding_dim", "box_margin")}
+    with torch.random.fork_rng(devices=[]):  # set-up draws initial values; leave the user's RNG alone
+        guide = AmortizedLWFlow(model, *model_args, model_kwargs=model_kwargs, embedding=embedding, **settings)
+    sites = {s.name: list(s.shape) for s in guide.layout}
+    if config["sites"] != sites:
+        raise ValueError(f"'{path}' was saved for latent sites {config['sites']}, but this model has {sites}")
+    try:
+        guide.load_state_dict(state, strict=True)
+    except (RuntimeError, KeyError) as err:
+        raise ValueError(f"'{path}' does not fit this model's amortized guide: {err}") from err
+    guide.num_simulations = config.get("num_simulations", 0)
+    guide.num_likelihood_evals = config.get("num_likelihood_evals", 0)
+    guide.losses, guide.val_losses = list(config.get("losses", [])), list(config.get("val_losses", []))
+    return guide

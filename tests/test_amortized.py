@@ -175,3 +175,37 @@ def test_every_model_shape_of_the_contract_matrix_amortizes(name):
     assert posterior.log_prob(draws).shape == (50,)
     check = amortized.check(observed, num_draws=200)
     assert 0 < check.ess <= 200 and math.isfinite(check.log_evidence)
+
+
+def test_save_and_load_give_back_the_same_amortized_posterior(amortized, tmp_path):
+    from pyro_lwflow import load, save
+
+    save(amortized, tmp_path / "amortized.lwflow")
+    loaded = load(tmp_path / "amortized.lwflow", normal_mean)
+    y = data_sets()[0]
+    torch.manual_seed(5)
+    before = amortized.condition(y).sample(100)["mu"]
+    torch.manual_seed(5)
+    after = loaded.condition(y).sample(100)["mu"]
+    assert torch.equal(before, after)
+    assert loaded.num_simulations == amortized.num_simulations and loaded.val_losses == amortized.val_losses
+
+
+def test_a_custom_embedding_is_used_and_must_be_passed_again_to_load(tmp_path):
+    from pyro_lwflow import load, save
+
+    class Mean(torch.nn.Module):  # a structured embedding: summary statistics of the series
+        def __init__(self):
+            super().__init__()
+            self.linear = torch.nn.Linear(2, 4)
+
+        def forward(self, y):
+            return self.linear(torch.stack([y.mean(-1), y.std(-1)], -1))
+
+    amortized = amortize(normal_mean, embedding=Mean(), num_simulations=300, max_epochs=2, progress=False)
+    assert amortized.condition(data_sets()).sample(3)["mu"].shape == (3, 3)
+    save(amortized, tmp_path / "custom.lwflow")
+    with pytest.raises(ValueError, match="custom embedding: pass a new instance"):
+        load(tmp_path / "custom.lwflow", normal_mean)
+    loaded = load(tmp_path / "custom.lwflow", normal_mean, embedding=Mean())
+    assert torch.equal(loaded.embedding.linear.weight, amortized.embedding.linear.weight)

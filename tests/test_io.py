@@ -134,5 +134,5 @@ def test_unfitted_guide_cannot_be_saved(tmp_path):
 
     with pytest.raises(ValueError, match="not been fitted"):
         io.save(AutoLWFlow(factor_model), tmp_path / "g.lwflow")
-    with pytest.raises(TypeError, match="FitResult or an AutoLWFlow"):
+    with pytest.raises(TypeError, match="a FitResult, an AutoLWFlow or an AmortizedLWFlow, got str"):
         io.save("nonsense", tmp_path / "g.lwflow")
