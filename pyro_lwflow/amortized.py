@@ -42,6 +42,7 @@ from .conditional import ConditionalMixture, conditional_flow, conditional_realn
 from .coordinates import BoxCoordinates, Standardize, box_coordinates
 from .diagnostics import pareto_k, psis_log_weights
 from .draws import WeightedDraws
+from .evaluation import chunk_seed
 from .fit import _seeded, fit
 from .guide import AutoLWFlow
 from .modes import kmeans_plus_plus
@@ -319,27 +320,60 @@ class AmortizedLWFlow(nn.Module):
     # -- simulation ----------------------------------------------------------------------------
 
     @torch.no_grad()
-    def simulate(self, num: int, seed: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def simulate(self, num: int, seed: int | None = None, executor: Executor | None = None,
+                 chunk_size: int = 10_000) -> tuple[torch.Tensor, torch.Tensor]:
         """``num`` draws from the prior predictive: ``((num, D) packed latents, (num, dim) flat data)``.
 
-        Traced in one vectorised pass, the observed sites left free (as :func:`pyro.poutine.uncondition`
-        does, ``pyro.deterministic`` sites excepted); a model that does not vectorise is run draw by draw.
+        The observed sites are left free (as :func:`pyro.poutine.uncondition` does,
+        ``pyro.deterministic`` sites excepted). The draws come in chunks of ``chunk_size``, chunk ``i``
+        under the torch seed :func:`~pyro_lwflow.evaluation.chunk_seed` ``(seed, i)``, each traced in one
+        vectorised pass (draw by draw for a model that does not vectorise), in this process or on
+        ``executor``: one seed, one result, whatever runs them. ``seed=None`` draws one from torch's RNG.
         """
-        with _seeded(seed):
-            try:
-                return self._simulate_vectorized(num)
-            except (RuntimeError, ValueError) as err:
-                warnings.warn(f"Simulating one data set at a time: the model does not vectorise under a "
-                              f"pyro.plate ({err}).", stacklevel=2)
-            rows = [self._simulate_vectorized(1, batched=False) for _ in range(num)]
-            return torch.cat([r[0] for r in rows]), torch.cat([r[1] for r in rows])
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, ()))
+        simulator = Simulator(self.model, self.args, self.kwargs, self.layout, self.data_layout,
+                              self.tracer.max_plate_nesting)
+        sizes = [min(chunk_size, num - a) for a in range(0, num, chunk_size)]
+        seeds = [chunk_seed(seed, i) for i in range(len(sizes))]
+        chunks = list(map(simulator, sizes, seeds) if executor is None else executor.map(simulator, sizes, seeds))
+        if any(c[2] for c in chunks):
+            warnings.warn(f"Simulated one data set at a time: the model does not vectorise under a pyro.plate "
+                          f"({next(c[2] for c in chunks if c[2])}).", stacklevel=2)
+        return torch.cat([c[0] for c in chunks]), torch.cat([c[1] for c in chunks])
 
-    def _simulate_vectorized(self, num: int, batched: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-        tracer = self.tracer
+
+@dataclass
+class Simulator:
+    """Draws ``(θ, x)`` from a model's prior predictive (picklable, for an executor's workers).
+
+    ``simulator(n, seed)`` returns ``((n, D) packed latents, (n, dim) flat data, reason)``, where
+    ``reason`` says why the model was run draw by draw (``None`` when it vectorised).
+    """
+
+    model: Callable
+    args: tuple
+    kwargs: dict
+    layout: object
+    data_layout: DataLayout
+    max_plate_nesting: int
+
+    @torch.no_grad()
+    def __call__(self, num: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, str | None]:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            try:
+                return (*self._trace(num), None)
+            except (RuntimeError, ValueError) as err:
+                reason = str(err)
+            rows = [self._trace(1, batched=False) for _ in range(num)]
+            return torch.cat([r[0] for r in rows]), torch.cat([r[1] for r in rows]), reason
+
+    def _trace(self, num: int, batched: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         model = poutine.block(_Unobserve(self.data_layout.names)(self.model), hide_types=["param"])
         with pyro.validation_enabled(False):
             if batched:
-                with pyro.plate(_PARTICLES, num, dim=-tracer.max_plate_nesting - 1):
+                with pyro.plate(_PARTICLES, num, dim=-self.max_plate_nesting - 1):
                     trace = poutine.trace(model).get_trace(*self.args, **self.kwargs)
             else:
                 trace = poutine.trace(model).get_trace(*self.args, **self.kwargs)
@@ -547,6 +581,9 @@ def amortize(
         :meth:`AmortizedLWFlow.condition`.
     :param guide: an untrained :class:`AmortizedLWFlow` to train (its settings are used).
     :param num_components, embedding: for a new guide (see :class:`AmortizedLWFlow`).
+    :param executor: a :class:`concurrent.futures.Executor` (a process pool, a Dask cluster's
+        ``client.get_executor()``) that runs the simulations in seeded chunks (or, with ``data_sets=``,
+        the likelihood evaluations): the result is the same as in this process.
     :param seed: everything runs on torch's RNG seeded with this (the caller's state is given back).
     :returns: the trained :class:`AmortizedLWFlow`; ``.losses`` and ``.val_losses`` hold the curves.
     """
@@ -563,7 +600,7 @@ def amortize(
             if simulations is not None:
                 latents, data = _given_simulations(guide, *simulations)
             else:
-                latents, data = guide.simulate(num_simulations)
+                latents, data = guide.simulate(num_simulations, executor=executor)
             guide.num_simulations += len(latents)
             weights = None
         _check_finite(latents, data)

@@ -209,3 +209,18 @@ def test_a_custom_embedding_is_used_and_must_be_passed_again_to_load(tmp_path):
         load(tmp_path / "custom.lwflow", normal_mean)
     loaded = load(tmp_path / "custom.lwflow", normal_mean, embedding=Mean())
     assert torch.equal(loaded.embedding.linear.weight, amortized.embedding.linear.weight)
+
+
+def test_one_seed_one_simulation_set_whatever_the_executor():
+    from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+
+    guide = AmortizedLWFlow(normal_mean)
+    inline = guide.simulate(2_500, seed=11, chunk_size=1_000)
+    with ThreadPoolExecutor(2) as pool:
+        threads = guide.simulate(2_500, seed=11, chunk_size=1_000, executor=pool)
+    with ProcessPoolExecutor(2) as pool:
+        processes = guide.simulate(2_500, seed=11, chunk_size=1_000, executor=pool)
+    assert inline[0].shape == (2_500, 1) and inline[1].shape == (2_500, N)
+    for other in (threads, processes):
+        assert torch.equal(inline[0], other[0]) and torch.equal(inline[1], other[1])
+    assert not torch.equal(inline[1], guide.simulate(2_500, seed=12, chunk_size=1_000)[1])
