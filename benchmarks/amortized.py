@@ -171,7 +171,7 @@ def _num(v) -> float | None:
 
 
 def run_lwflow(task: str, theta, x, ref: Reference, observations, draws: int, seed: int, quick: bool = False) -> dict:
-    from pyro_lwflow import amortize
+    from pyro_lwflow import amortize, calibrate
 
     model = sbi_tasks.MODELS[task]
     start = time.perf_counter()
@@ -179,6 +179,7 @@ def run_lwflow(task: str, theta, x, ref: Reference, observations, draws: int, se
         warnings.simplefilter("ignore")
         amortized = amortize(model, simulations=(theta, x), seed=seed, progress=False)
     train_s = time.perf_counter() - start
+    calibration = calibrate(amortized, num_simulations=1_000, num_draws=99, seed=seed)
     per_obs = []
     for i in observations:
         x_o = ref.observation(i)
@@ -213,6 +214,9 @@ def run_lwflow(task: str, theta, x, ref: Reference, observations, draws: int, se
         "likelihood_evals_per_observation": statistics.fmean(o["likelihood_evals"] for o in per_obs),
         "median_efficiency": statistics.median(o["efficiency"] for o in per_obs),
         "ms_per_observation": statistics.median(o["ms"] for o in per_obs),
+        "sbc_p_values": [float(p) for p in calibration.p_values()],
+        "sbc_min_p": float(calibration.p_values().min()),
+        "coverage_error": calibration.max_coverage_error,
     }
 
 
@@ -267,10 +271,13 @@ def _markdown(data: dict) -> str:
         "mean over the observations; both methods train on the same simulations (seed and fingerprint per",
         "task × budget in the JSON). *corrected*: lwflow's draws importance-weighted by the likelihood and",
         "PSIS-resampled; *evals/obs*: the likelihood evaluations that correction costs per observation;",
-        "*eff.*: median ESS / draws over the observations; *ms/obs*: a new observation's 10,000 draws.",
+        "*eff.*: median ESS / draws over the observations; *ms/obs*: a new observation's 10,000 draws;",
+        "*SBC p*: the smallest per-coordinate χ² p-value of rank uniformity over 1,000 held-out simulations",
+        "(99 draws each), *cov. err.*: the largest gap between expected coverage and the credible level.",
         "",
-        "| task | sims | method | C2ST | C2ST corrected | evals/obs | eff. | train s | ms/obs | obs | run |",
-        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| task | sims | method | C2ST | C2ST corrected | evals/obs | eff. | SBC p | cov. err. | train s | ms/obs "
+        "| obs | run |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     order = {t: i for i, t in enumerate(TASKS)}
     rows = sorted(data["rows"].values(), key=lambda r: (order.get(r["task"], 99), r["sims"], r["method"]))
@@ -282,8 +289,10 @@ def _markdown(data: dict) -> str:
         lines.append(
             f"| {r['task']} | {r['sims']:,} | {r['method']} | {_fmt(r['c2st'])} | {_fmt(r.get('c2st_corrected'))} "
             f"| {_fmt(r.get('likelihood_evals_per_observation'), '{:,.0f}')} "
-            f"| {_fmt(r.get('median_efficiency'), '{:.2f}')} | {_fmt(r['train_s'], '{:.0f}')} "
+            f"| {_fmt(r.get('median_efficiency'), '{:.2f}')} | {_fmt(r.get('sbc_min_p'), '{:.3f}')} "
+            f"| {_fmt(r.get('coverage_error'), '{:.3f}')} | {_fmt(r['train_s'], '{:.0f}')} "
             f"| {_fmt(r['ms_per_observation'], '{:.0f}')} | {len(r['per_observation'])} | {r['run']} |")
+    lines += _paired(rows)
     lines += ["", "## Runs", ""]
     for i, run in enumerate(runs):
         v = ", ".join(f"{k} {x}" for k, x in run["versions"].items() if x)
@@ -294,6 +303,33 @@ def _markdown(data: dict) -> str:
         task, sims = key.split("|")
         lines.append(f"| {task} | {int(sims):,} | {s['seed']} | {s['fingerprint']} |")
     return "\n".join(lines) + "\n"
+
+
+def _paired(rows: list[dict]) -> list[str]:
+    """Mean C2ST of each method over the observations every method of a task × budget scored."""
+    groups: dict = {}
+    for r in rows:
+        if not r.get("error"):
+            groups.setdefault((r["task"], r["sims"]), []).append(r)
+    out = ["", "## On the same observations", "",
+           "Each method's mean C2ST over the observations that every method of the task and budget scored.", "",
+           "| task | sims | observations | " + " | ".join(METHODS) + " | lwflow corrected |",
+           "|---|---:|---|" + "---:|" * (len(METHODS) + 1)]
+    for (task, sims), group in groups.items():
+        if len(group) < 2:
+            continue
+        shared = set.intersection(*({o["observation"] for o in r["per_observation"]} for r in group))
+        by_method = {r["method"]: r for r in group}
+        cells = []
+        for method in METHODS:
+            r = by_method.get(method)
+            values = [o["c2st"] for o in r["per_observation"] if o["observation"] in shared] if r else []
+            cells.append(_fmt(statistics.fmean(values)) if values else "–")
+        lw = by_method.get("lwflow")
+        corrected = [o["c2st_corrected"] for o in lw["per_observation"] if o["observation"] in shared] if lw else []
+        out.append(f"| {task} | {sims:,} | {', '.join(map(str, sorted(shared)))} | " + " | ".join(cells)
+                   + f" | {_fmt(statistics.fmean(corrected)) if corrected else '–'} |")
+    return out
 
 
 def _finite(x):
