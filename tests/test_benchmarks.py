@@ -56,7 +56,7 @@ def test_high_dim_benchmark_quick_over_seeds(tmp_path):
 @pytest.mark.slow
 def test_amortized_modes_benchmark_smoke(tmp_path):
     cmd = [sys.executable, "benchmarks/amortized_modes.py", "--targets", "two_mode_2d", "--sims", "1000",
-           "--data-sets", "2", "--repeats", "1", "--max-epochs", "3", "--out", str(tmp_path)]
+           "--data-sets", "2", "--repeats", "1", "--max-epochs", "3", "--seeds", "0", "--out", str(tmp_path)]
     subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, timeout=240)
 
     report = json.loads((tmp_path / "amortized_modes.json").read_text())
