@@ -42,13 +42,15 @@ from .conditional import ConditionalMixture, conditional_flow, conditional_realn
 from .coordinates import BoxCoordinates, Standardize, box_coordinates
 from .diagnostics import pareto_k, psis_log_weights
 from .draws import WeightedDraws
-from .evaluation import chunk_seed
+from .evaluation import TRACE_LOCK, chunk_seed
 from .fit import _seeded, fit
 from .guide import AutoLWFlow
 from .modes import kmeans_plus_plus
 from .tracing import _PARTICLES, ModelTracer, as_model_data
 
 __all__ = ["AmortizedCheck", "AmortizedLWFlow", "AmortizedPosterior", "DataLayout", "amortize"]
+
+WARM_UP_EPOCHS = 10  # epochs each start placement trains before one is chosen
 
 
 # -- the data sets ------------------------------------------------------------------------------
@@ -360,7 +362,8 @@ class Simulator:
 
     @torch.no_grad()
     def __call__(self, num: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, str | None]:
-        with torch.random.fork_rng(devices=[]):
+        # Pyro's handler stack and torch's RNG are global: one trace at a time per process (threads)
+        with TRACE_LOCK, torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             try:
                 return (*self._trace(num), None)
@@ -556,6 +559,7 @@ def amortize(
     patience: int = 20,
     validation_fraction: float = 0.1,
     clip_norm: float = 5.0,
+    restarts: int = 3,
     seed: int | None = 0,
     progress: bool = True,
     model_kwargs: dict | None = None,
@@ -581,6 +585,8 @@ def amortize(
         :meth:`AmortizedLWFlow.condition`.
     :param guide: an untrained :class:`AmortizedLWFlow` to train (its settings are used).
     :param num_components, embedding: for a new guide (see :class:`AmortizedLWFlow`).
+    :param restarts: with several base components, this many placements of them (k-means++ seeds)
+        train for a few epochs and the one with the best held-out loss goes on.
     :param executor: a :class:`concurrent.futures.Executor` (a process pool, a Dask cluster's
         ``client.get_executor()``) that runs the simulations in seeded chunks (or, with ``data_sets=``,
         the likelihood evaluations): the result is the same as in this process.
@@ -604,11 +610,38 @@ def amortize(
             guide.num_simulations += len(latents)
             weights = None
         _check_finite(latents, data)
+        perm = torch.randperm(len(latents))
+        num_val = max(int(validation_fraction * len(latents)), 1)
+        split = perm[num_val:], perm[:num_val]
         if not guide.losses:
-            guide.standardize_on(latents, data, seed=seed or 0)
-        _train(guide, latents, data, weights, batch_size, lr, max_epochs, patience, validation_fraction, clip_norm,
-               progress)
+            _choose_start(guide, latents, data, weights, split, seed or 0, restarts, batch_size, lr, clip_norm,
+                          progress)
+        _train(guide, latents, data, weights, split, batch_size, lr, max_epochs, patience, clip_norm, progress)
     return guide
+
+
+def _choose_start(guide: AmortizedLWFlow, latents, data, weights, split, seed: int, restarts: int, batch_size: int,
+                  lr: float, clip_norm: float, progress: bool, epochs: int = WARM_UP_EPOCHS) -> None:
+    """Set the fixed maps and place the base components; with ``K > 1`` try ``restarts`` placements
+    (k-means++ seeds), train each for ``epochs`` and keep the one with the best held-out loss. One
+    component stretched over two modes while another idles is a local optimum that training does
+    not leave; its held-out loss gives it away early."""
+    initial = copy.deepcopy(guide.state_dict())
+    tries = restarts if guide.num_components > 1 else 1
+    best = None
+    for r in range(tries):
+        guide.load_state_dict(initial)
+        guide.standardize_on(latents, data, seed=seed + r)
+        if tries == 1:
+            return
+        guide.losses, guide.val_losses = [], []
+        _train(guide, latents, data, weights, split, batch_size, lr, epochs, epochs, clip_norm, progress,
+               desc=f"amortize: start {r + 1} of {tries}")
+        score = min(guide.val_losses)
+        if best is None or score < best[0]:
+            best = (score, copy.deepcopy(guide.state_dict()))
+    guide.load_state_dict(best[1])
+    guide.losses, guide.val_losses = [], []
 
 
 def _given_simulations(guide: AmortizedLWFlow, theta, x) -> tuple[torch.Tensor, torch.Tensor]:
@@ -671,14 +704,13 @@ def _weighted_pairs(guide: AmortizedLWFlow, data_sets, num: int, executor, cache
     return latents, weights, flat
 
 
-def _train(guide: AmortizedLWFlow, latents, data, weights, batch_size, lr, max_epochs, patience, validation_fraction,
-           clip_norm, progress) -> None:
+def _train(guide: AmortizedLWFlow, latents, data, weights, split, batch_size, lr, max_epochs, patience, clip_norm,
+           progress, desc: str = "amortize") -> None:
     """Adam on ``−log q(θ | x)``: over ``(θᵢ, xᵢ)`` pairs, or (``weights`` ``(M, N)``) over pairs
-    ``(θᵢ, x_j)`` drawn in proportion to ``w_ji``; the best held-out state is kept."""
-    n = len(latents)
-    perm = torch.randperm(n)
-    num_val = max(int(validation_fraction * n), 1)
-    val, train = perm[:num_val], perm[num_val:]
+    ``(θᵢ, x_j)`` drawn in proportion to ``w_ji``; ``split`` is ``(training, held-out)`` indices of
+    the draws; the best held-out state is kept."""
+    train, val = split
+    num_val = len(val)
     if weights is not None:
         val_pairs = _resample_pairs(weights[:, val], 4 * num_val)
         val_pairs = (val[val_pairs[0]], val_pairs[1])
@@ -687,7 +719,7 @@ def _train(guide: AmortizedLWFlow, latents, data, weights, batch_size, lr, max_e
     optim = torch.optim.Adam(guide.parameters(), lr=lr)
     plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(optim, factor=0.5, patience=max(patience // 4, 1))
     best, best_state, stale = math.inf, None, 0
-    bar = tqdm(range(max_epochs), disable=not progress, desc="amortize", unit="epoch")
+    bar = tqdm(range(max_epochs), disable=not progress, desc=desc, unit="epoch")
     for _ in bar:
         guide.train()
         if weights is None:
@@ -732,9 +764,12 @@ def _train(guide: AmortizedLWFlow, latents, data, weights, batch_size, lr, max_e
 def _resample_pairs(weights: torch.Tensor, num: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``num`` pairs ``(draw i, data set j)``: ``j`` uniform, ``i`` in proportion to ``weights[j]`` ``(M, N)``."""
     cols = torch.randint(weights.shape[0], (num,))
+    rows = torch.empty(num, dtype=torch.long)
     cdf = torch.cumsum(weights, -1)
-    u = torch.rand(num, dtype=cdf.dtype) * cdf[cols, -1]
-    rows = torch.searchsorted(cdf[cols], u[:, None]).squeeze(-1).clamp_(max=weights.shape[1] - 1)
+    for j in range(weights.shape[0]):  # one data set at a time: never an (num, N) matrix
+        picked = torch.nonzero(cols == j).squeeze(-1)
+        u = torch.rand(len(picked), dtype=cdf.dtype) * cdf[j, -1]
+        rows[picked] = torch.searchsorted(cdf[j], u).clamp_(max=weights.shape[1] - 1)
     return rows, cols
 
 
