@@ -101,7 +101,8 @@ class RoundSummary:
     :param num_likelihood_evals, num_gradient_evals: cumulative model evaluations of each kind
         after it.
     :param pool_size: likelihood-evaluated draws pooled after it.
-    :param ess, pareto_k: effective sample size and Pareto k̂ of the pooled weights at β = 1.
+    :param ess: effective sample size of the pooled weights at β = 1.
+    :param pareto_k: Pareto k̂ of the same weights.
     :param ess_at_beta: the pooled ESS at ``beta``.
     :param efficiency: ESS per draw of its own draws at ``beta``, against its own proposal.
     :param log_evidence: ``log Ẑ`` after it (nats; each round against its own proposal).
