@@ -48,7 +48,6 @@ import math  # noqa: E402
 import platform  # noqa: E402
 import shlex  # noqa: E402
 import statistics  # noqa: E402
-import subprocess  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 import traceback  # noqa: E402
@@ -64,7 +63,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
-from machine import cpu_name  # noqa: E402
+from machine import cpu_name, git_commit  # noqa: E402
 from pyro_lwflow.models import sbi_tasks  # noqa: E402
 
 TASKS = ("two_moons", "slcp", "gaussian_linear")
@@ -235,20 +234,13 @@ def _version(name: str) -> str | None:
 
 def _run_meta(argv: list[str]) -> dict:
     cpu = cpu_name(platform.processor() or platform.machine())
-    try:
-        commit = subprocess.run(["git", "-C", str(HERE), "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True, check=False).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(HERE), "status", "--porcelain", "--", "../pyro_lwflow"],
-                               capture_output=True, text=True, check=False).stdout.strip()
-    except OSError:
-        commit, dirty = "", ""
     return {
         "command": "python benchmarks/amortized.py " + shlex.join(argv),
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch thread(s)",
         "python": platform.python_version(),
         "versions": {k: _version(k) for k in ("torch", "pyro-ppl", "sbi", "sbibm", "scikit-learn")},
-        "commit": commit + (" (pyro_lwflow/ modified)" if dirty else ""),
+        "commit": git_commit(),
     }
 
 

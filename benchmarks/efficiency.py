@@ -63,7 +63,6 @@ import json  # noqa: E402
 import math  # noqa: E402
 import platform  # noqa: E402
 import shlex  # noqa: E402
-import subprocess  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 import traceback  # noqa: E402
@@ -78,7 +77,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
-from machine import cpu_name  # noqa: E402
+from machine import cpu_name, git_commit  # noqa: E402
 from peers import PEERS, PeerResult, UnitCube, available, nuts_settings, run_nuts  # noqa: E402
 
 import pyro_lwflow  # noqa: E402
@@ -409,13 +408,6 @@ def _float(x) -> float | None:
 
 def _machine() -> dict:
     cpu = cpu_name(platform.processor() or platform.machine())
-    try:
-        commit = subprocess.run(["git", "-C", str(HERE), "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True, check=False).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(HERE), "status", "--porcelain", "--", "../pyro_lwflow"],
-                               capture_output=True, text=True, check=False).stdout.strip()
-    except OSError:
-        commit, dirty = "", ""
     return {
         "machine": f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch thread(s)",
         "python": platform.python_version(),
@@ -423,7 +415,7 @@ def _machine() -> dict:
         "pyro": pyro.__version__,
         "numpy": np.__version__,
         "peers": available(),
-        "commit": commit + (" (pyro_lwflow/ modified)" if dirty else ""),
+        "commit": git_commit(),
     }
 
 

@@ -1,10 +1,13 @@
-"""The CPU a benchmark ran on, for the results' headers (shared by the benchmark scripts)."""
+"""The CPU and the commit a benchmark ran on, for the results' headers (shared by the benchmark scripts)."""
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
-__all__ = ["cpu_name"]
+__all__ = ["cpu_name", "git_commit"]
+
+HERE = Path(__file__).resolve().parent
 
 
 def cpu_name(default: str) -> str:
@@ -16,3 +19,16 @@ def cpu_name(default: str) -> str:
     except OSError:
         pass
     return default
+
+
+def git_commit() -> str:
+    """The short commit of the checkout, with ``" (pyro_lwflow/ modified)"`` when the package has
+    uncommitted changes; ``""`` outside a git checkout."""
+    try:
+        commit = subprocess.run(["git", "-C", str(HERE), "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, check=False).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(HERE), "status", "--porcelain", "--", "../pyro_lwflow"],
+                               capture_output=True, text=True, check=False).stdout.strip()
+    except OSError:
+        return ""
+    return commit + (" (pyro_lwflow/ modified)" if dirty else "")

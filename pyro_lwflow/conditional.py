@@ -18,11 +18,11 @@ from collections.abc import Sequence
 import pyro.distributions as dist
 import torch
 from pyro.distributions import ConditionalDistribution, ConditionalTransformedDistribution
-from pyro.distributions.transforms import ConditionalAffineCoupling, Permute
+from pyro.distributions.transforms import ConditionalAffineCoupling
 from pyro.nn import ConditionalDenseNN
 from torch import nn
 
-from .flows import _permutation
+from .flows import coupling_layers
 
 __all__ = [
     "BoundedConditionalHypernet", "ConditionalMixture", "ConditionalRealNVP", "conditional_flow", "conditional_realnvp",
@@ -72,21 +72,15 @@ def conditional_realnvp(dim: int, context_dim: int, num_transforms: int = 6, hid
                         log_scale_bound: float = 3.0) -> ConditionalRealNVP:
     """``num_transforms`` conditional affine couplings, each followed by the same fixed permutations
     as :func:`~pyro_lwflow.flows.realnvp` (a last one restores the order). Empty for ``dim < 2``."""
-    parts: list = []
     if dim < 2:
-        return ConditionalRealNVP(parts)
-    split = (dim + 1) // 2
-    order = torch.arange(dim)
-    for layer in range(num_transforms):
+        return ConditionalRealNVP([])
+
+    def coupling(split: int) -> ConditionalAffineCoupling:
         hypernet = BoundedConditionalHypernet(split, context_dim, hidden_dims, dim - split, log_scale_bound)
-        parts.append(ConditionalAffineCoupling(split, hypernet, log_scale_min_clip=-log_scale_bound,
-                                               log_scale_max_clip=log_scale_bound))
-        if layer < num_transforms - 1:
-            perm = _permutation(dim, layer)
-            parts.append(Permute(perm))
-            order = order[perm]
-    if not torch.equal(order, torch.arange(dim)):
-        parts.append(Permute(torch.argsort(order)))
+        return ConditionalAffineCoupling(split, hypernet, log_scale_min_clip=-log_scale_bound,
+                                         log_scale_max_clip=log_scale_bound)
+
+    parts = coupling_layers(dim, num_transforms, coupling)
     return ConditionalRealNVP(parts)
 
 

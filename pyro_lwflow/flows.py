@@ -4,7 +4,7 @@ elementwise spline for the marginals' shapes."""
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from pyro.distributions.transforms import AffineCoupling, ComposeTransformModule, Permute, Spline
@@ -12,7 +12,7 @@ from pyro.nn import DenseNN
 from torch import nn
 from torch.distributions import constraints
 
-__all__ = ["BoundedHypernet", "FlowStack", "marginal_spline", "realnvp"]
+__all__ = ["BoundedHypernet", "FlowStack", "coupling_layers", "marginal_spline", "realnvp"]
 
 
 class FlowStack(ComposeTransformModule):
@@ -89,23 +89,32 @@ def realnvp(
     """
     if dim < 2:
         return FlowStack([])
+
+    def coupling(split: int) -> AffineCoupling:
+        hypernet = BoundedHypernet(split, hidden_dims, dim - split, log_scale_bound)
+        return AffineCoupling(split, hypernet, log_scale_min_clip=-log_scale_bound, log_scale_max_clip=log_scale_bound)
+
+    parts = coupling_layers(dim, num_transforms, coupling)
+    return FlowStack(parts)
+
+
+def coupling_layers(dim: int, num_transforms: int, coupling: Callable[[int], object]) -> list:
+    """``num_transforms`` couplings ``coupling(split)`` (each transforms the last ``dim − split``
+    coordinates given the first ``split``), each but the last followed by the fixed permutation of
+    its layer (:func:`_permutation`), and a last permutation that restores the order: the layout of
+    :func:`realnvp` and of :func:`~pyro_lwflow.conditional.conditional_realnvp`. ``dim ≥ 2``."""
     split = (dim + 1) // 2
     parts: list = []
     order = torch.arange(dim)  # which input coordinate sits at each position
     for layer in range(num_transforms):
-        hypernet = BoundedHypernet(split, hidden_dims, dim - split, log_scale_bound)
-        parts.append(
-            AffineCoupling(
-                split, hypernet, log_scale_min_clip=-log_scale_bound, log_scale_max_clip=log_scale_bound
-            )
-        )
+        parts.append(coupling(split))
         if layer < num_transforms - 1:
             perm = _permutation(dim, layer)
             parts.append(Permute(perm))
             order = order[perm]
     if not torch.equal(order, torch.arange(dim)):
         parts.append(Permute(torch.argsort(order)))
-    return FlowStack(parts)
+    return parts
 
 
 def marginal_spline(dim: int, count_bins: int = 16, bound: float = 4.0) -> Spline:
