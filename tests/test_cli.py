@@ -91,12 +91,12 @@ def test_input_errors_are_one_line_and_status_2(tmp_path, capsys):
 def test_console_script_error_and_help():
     """The real entry point: a bad path gives one line on stderr and status 2, no traceback."""
     run = subprocess.run([sys.executable, "-m", "pyro_lwflow.cli", "fit", "no/such/model.py"],
-                         capture_output=True, text=True, timeout=120)
+                         capture_output=True, text=True, timeout=1200)
     assert run.returncode == 2
     assert run.stderr.strip().splitlines() == ["lwflow: error: model file 'no/such/model.py' does not exist "
                                                "(try 'lwflow models' for the bundled ones)"]
     help_text = subprocess.run([sys.executable, "-m", "pyro_lwflow.cli", "fit", "--help"],
-                               capture_output=True, text=True, timeout=120).stdout
+                               capture_output=True, text=True, timeout=1200).stdout
     assert "--data files become the model's arguments" in help_text and "--components" in help_text
 
 

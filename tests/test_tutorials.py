@@ -46,7 +46,7 @@ def test_notebook_runs_in_quick_mode(path, monkeypatch):
     monkeypatch.setenv("MPLBACKEND", "module://matplotlib_inline.backend_inline")
     nb = nbformat.read(path, as_version=4)
     client = nbclient.NotebookClient(
-        nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(TUTORIALS)}}
+        nb, timeout=3000, kernel_name="python3", resources={"metadata": {"path": str(TUTORIALS)}}
     )
     client.execute()  # raises CellExecutionError, naming the cell, if any cell fails
     errors = [o for cell in nb.cells for o in cell.get("outputs", []) if o.get("output_type") == "error"]
