@@ -13,6 +13,9 @@ file               models
 ``sbi_tasks``      three tasks of the SBI benchmark (sbibm 1.1.0: ``two_moons``, ``slcp``,
                    ``gaussian_linear``) with sbibm's priors and simulators and closed-form
                    likelihoods; each simulates under ``pyro.poutine.uncondition``
+``ode_models``     ``lotka_volterra``: predator–prey rates from noisy populations, the ODE
+                   solved by SciPy (a NumPy black box behind ``pyro.factor``), with
+                   ``.example_data()``, ``.true_params`` and a gradient-free reference posterior
 =================  ============================================================================
 
 Each file is an ordinary module of this package (``pyro_lwflow.models.paper_targets``) and
