@@ -6,9 +6,10 @@
                                     [--out benchmarks/results]
 
 Cases: the paper's five targets (``models/paper_targets.py``), the ``gmm_5d``,
-``gmm_10d``, ``gmm_20d`` mixtures (``high_dim.py``) and the real-shaped models of
+``gmm_10d``, ``gmm_20d`` mixtures (``high_dim.py``), the real-shaped models of
 ``real_models.py`` (linear and logistic regression, AR(5), eight schools centred and
-non-centred). Methods, all run in this one process so their costs compare:
+non-centred) and ``lotka_volterra`` (``ode_models.py``: a SciPy ODE behind ``pyro.factor``, a
+NumPy black box with no gradient). Methods, all run in this one process so their costs compare:
 
 * ``lwflow``: ``fit(model, *data, schedule=Schedule(), seed=…, callback=…)``; the callback scores
   20,000 draws of the guide after every round, which gives a quality-against-calls trajectory
@@ -35,7 +36,13 @@ gmm_20d also 2 ×). Real-shaped models: against a long NUTS reference
 (4 chains × 5,000 draws after 1,000 warm-up, target accept 0.9, cached in
 ``<out>/reference/<case>.pt`` with its settings and reused while they match; eight schools centred
 takes its reference from the non-centred parametrisation, whose NUTS run has no funnel), on the
-flattened constrained parameter vector: mean err = max over coordinates of |mean − ref mean| / ref sd,
+flattened constrained parameter vector. ``lotka_volterra`` has no gradient, so NUTS can neither run
+it nor give its reference: its reference is adaptive importance sampling without gradients
+(``ode_models.reference_posterior``: Nelder–Mead to the mode, a finite-difference Laplace
+covariance, 3 rounds of 20,000 multivariate-t(5) draws moved to the weighted moments, then
+400,000 draws; weighted mean and sd, its ESS and Pareto k̂ recorded; cached the same way); its
+log Z is scored too (|log Ẑ − ref log Z|, not part of pass). Mean err = max over coordinates of
+|mean − ref mean| / ref sd,
 sd ratios = sd / ref sd; pass = mean err ≤ 0.1 and every sd ratio in [0.9, 1.1]. "calls to pass":
 for lwflow the calls of the first round whose draws pass; for a peer its total calls if its final
 draws pass (real-shaped models score the first of the ``K`` samples only). lwflow's per-round
@@ -87,8 +94,9 @@ PAPER = ("single_mode_2d", "two_mode_2d", "three_mode_2d", "three_mode_3d", "non
 HIGH_DIM = ("gmm_5d", "gmm_10d", "gmm_20d")
 REAL = ("linear_regression", "logistic_regression", "ar_model", "eight_schools_centered",
         "eight_schools_noncentered")
+ODE = ("lotka_volterra",)
 FILES = {**dict.fromkeys(PAPER, "paper_targets"), **dict.fromkeys(HIGH_DIM, "high_dim"),
-         **dict.fromkeys(REAL, "real_models")}
+         **dict.fromkeys(REAL, "real_models"), **dict.fromkeys(ODE, "ode_models")}
 METHODS = ("lwflow", "nautilus", "pocomc", "dynesty", "nuts")
 NUM_DRAWS = 20_000
 SCORE_DRAWS = 5  # independent NUM_DRAWS-draw samples a mixture's quality is averaged over (--score-draws)
@@ -103,6 +111,16 @@ REFERENCE_VIA = {
         lambda s: {"mu": s["mu"], "tau": s["tau"], "theta": s["mu"].unsqueeze(-1) + s["tau"].unsqueeze(-1) * s["eta"]},
     ),
 }
+
+
+# the gradient-free reference of a black-box case: adaptive importance sampling (ode_models.reference_posterior)
+IS_REFERENCE = {"lotka_volterra": "ode_models:lotka_volterra"}
+
+
+def is_reference_settings(quick: bool) -> dict:
+    if quick:
+        return {"method": "importance sampling", "num_draws": 40_000, "stage_draws": 5_000, "stages": 3}
+    return {"method": "importance sampling", "num_draws": 400_000, "stage_draws": 20_000, "stages": 3}
 
 
 def reference_settings(quick: bool) -> dict:
@@ -120,7 +138,7 @@ class Case:
     def __init__(self, name: str, quick: bool, out: Path, score_draws: int = SCORE_DRAWS) -> None:
         self.name, self.file = name, FILES[name]
         self.model = models.load(f"{self.file}:{name}")
-        self.args = tuple(self.model.example_data()) if hasattr(self.model, "example_data") else ()
+        self.args = _example_args(self.model)
         self.cube = UnitCube(self.model, self.args)
         self.dim = self.cube.dim
         self.truth = getattr(self.model, "truth", None)
@@ -192,7 +210,7 @@ class Case:
         if not finite:
             mean_err, lo, hi = math.inf, math.nan, math.nan
         quality = max(mean_err, abs(lo - 1.0), abs(hi - 1.0)) if finite else math.inf
-        return {
+        row = {
             "mean_err": mean_err,
             "mean_err_site": self.cube.labels[int(err.argmax())] if finite else None,
             "sd_ratio_min": lo,
@@ -201,6 +219,18 @@ class Case:
             "quality": quality,
             "pass": finite and mean_err <= MEAN_PASS and abs(lo - 1.0) <= SD_PASS and abs(hi - 1.0) <= SD_PASS,
         }
+        if ref.get("log_evidence") is not None:  # an importance-sampling reference also has log Z
+            row["log_evidence_error"] = None if log_z is None else abs(log_z - ref["log_evidence"])
+        return row
+
+
+def _example_args(model) -> tuple:
+    """The model's positional arguments from ``.example_data()``: a tuple as it is (``real_models``), any
+    other value as the one argument (``normal_scale``, ``ode_models``, as ``lwflow fit`` passes it)."""
+    if not hasattr(model, "example_data"):
+        return ()
+    data = model.example_data()
+    return data if isinstance(data, tuple) else (data,)
 
 
 def _sd(values) -> float | None:
@@ -210,7 +240,10 @@ def _sd(values) -> float | None:
 
 
 def _reference(case: Case, quick: bool, out: Path) -> dict:
-    """The long-NUTS reference of a real-shaped case: cached, recomputed when its settings change."""
+    """The long-NUTS reference of a real-shaped case (importance sampling for a black box): cached,
+    recomputed when its settings change."""
+    if case.name in IS_REFERENCE:
+        return _is_reference(case, quick, out)
     via, to_case = REFERENCE_VIA.get(case.name, (case.name, None))
     settings = {**reference_settings(quick), "seed": REFERENCE_SEED, "model": f"real_models:{via}",
                 "labels": case.cube.labels}
@@ -237,6 +270,40 @@ def _reference(case: Case, quick: bool, out: Path) -> dict:
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(ref, path)
     print(f"  reference: {res.seconds:.0f} s, {res.extra['divergences']} divergences → {path}", flush=True)
+    return ref
+
+
+def _is_reference(case: Case, quick: bool, out: Path) -> dict:
+    """The gradient-free reference of a black-box case: ``model.reference_posterior`` (adaptive importance
+    sampling), cached like the NUTS references."""
+    settings = {**is_reference_settings(quick), "seed": REFERENCE_SEED, "model": IS_REFERENCE[case.name],
+                "labels": case.cube.labels}
+    path = out / "reference" / f"{case.name}{'_quick' if quick else ''}.pt"
+    if path.exists():
+        cached = torch.load(path, weights_only=False)
+        if cached.get("settings") == settings:
+            print(f"  reference: {path} (cached)", flush=True)
+            return cached
+        print(f"  reference: {path} has other settings; recomputing", flush=True)
+    model = models.load(settings["model"])
+    print(f"  reference: importance sampling, {settings['num_draws']:,} draws after {settings['stages']} × "
+          f"{settings['stage_draws']:,} adaptation on {settings['model']} …", flush=True)
+    t0 = time.perf_counter()
+    res = model.reference_posterior(*_example_args(model), num_draws=settings["num_draws"],
+                                    stage_draws=settings["stage_draws"], stages=settings["stages"],
+                                    seed=REFERENCE_SEED)
+    seconds = time.perf_counter() - t0
+    samples = torch.as_tensor(res["samples"])
+    idx = torch.multinomial(torch.as_tensor(res["log_weights"]).exp(), NUM_DRAWS, replacement=True,
+                            generator=torch.Generator().manual_seed(REFERENCE_SEED))
+    ref = {"settings": settings, "draws": samples[idx].float(), "mean": torch.as_tensor(res["mean"]),
+           "sd": torch.as_tensor(res["sd"]), "ess": res["ess"], "pareto_k": res["pareto_k"],
+           "log_evidence": res["log_evidence"], "log_evidence_stderr": res["log_evidence_stderr"],
+           "likelihood_evals": res["calls"], "seconds": seconds, "created": time.strftime("%Y-%m-%d %H:%M:%S")}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(ref, path)
+    print(f"  reference: {seconds:.0f} s, ESS {res['ess']:,.0f}, k̂ {res['pareto_k']:.2f}, log Z "
+          f"{res['log_evidence']:.4f} ± {res['log_evidence_stderr']:.4f} → {path}", flush=True)
     return ref
 
 
@@ -484,9 +551,17 @@ def _markdown(cases: dict, meta: dict) -> str:
                 head += [f"pass {W1_PASS_LOOSE}×", f"calls to pass {W1_PASS_LOOSE}×"]
         else:
             ref = c["reference"]
-            lines.append(f"Reference: NUTS {ref['num_chains']} × {ref['num_samples']} after {ref['warmup_steps']} "
-                         f"warm-up (target accept {ref['target_accept_prob']}) on `{ref['model']}`, "
-                         f"{ref.get('divergences', '?')} divergences; coordinates {', '.join(ref['labels'])}.")
+            if ref.get("method") == "importance sampling":
+                lines.append(f"Reference (no gradient, so no NUTS): adaptive importance sampling on `{ref['model']}`, "
+                             f"{ref['num_draws']:,} multivariate-t draws after {ref['stages']} × "
+                             f"{ref['stage_draws']:,} adaptation, ESS {ref['ess']:,.0f}, Pareto k̂ "
+                             f"{ref['pareto_k']:.2f}, log Z {ref['log_evidence']:.4f} ± "
+                             f"{ref['log_evidence_stderr']:.4f}; coordinates {', '.join(ref['labels'])}.")
+            else:
+                lines.append(f"Reference: NUTS {ref['num_chains']} × {ref['num_samples']} after "
+                             f"{ref['warmup_steps']} warm-up (target accept {ref['target_accept_prob']}) on "
+                             f"`{ref['model']}`, {ref.get('divergences', '?')} divergences; coordinates "
+                             f"{', '.join(ref['labels'])}.")
             lines.append("")
             head = ["method", "calls (lik / grad)", "seconds", "mean err (sd)", "worst coord", "sd ratio min",
                     "sd ratio max", "log Z", "pass", "calls to pass"]
@@ -509,6 +584,10 @@ def _markdown(cases: dict, meta: dict) -> str:
                           _fmt(r["log_evidence"], "{:.3f}"), _fmt(r["pass"]), _to_pass(r)]
             lines.append("| " + " | ".join(cells) + " |")
         notes = [f"{r['method']}: {n}" for r in c["rows"] for n in r.get("notes", [])]
+        if c["kind"] != "mixture" and c["reference"].get("log_evidence") is not None:
+            gaps = [f"{r['method']} {_fmt(r.get('log_evidence_error'), '{:.4f}')}" for r in c["rows"]
+                    if not r.get("error")]
+            notes.append(f"|log Ẑ − reference log Z| ({c['reference']['log_evidence']:.4f}): {', '.join(gaps)}")
         for r in c["rows"]:
             rounds = r.get("round_summaries") or []
             if r["method"] == "lwflow" and rounds and "calls_per_ess" in rounds[0]:
@@ -649,7 +728,7 @@ def _parse_overrides(items: list[str]) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cases", nargs="*", default=list(FILES), help="case names (default: all 13)")
+    parser.add_argument("--cases", nargs="*", default=list(FILES), help="case names (default: all 14)")
     parser.add_argument("--methods", nargs="*", default=list(METHODS), choices=METHODS)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="tiny budgets: a smoke test")
@@ -698,6 +777,9 @@ def main() -> None:
                                   "gradient_evals": case.reference.get("gradient_evals"),
                                   "seconds": case.reference.get("seconds"),
                                   "mean": case.reference["mean"].tolist(), "sd": case.reference["sd"].tolist()}
+            for key in ("ess", "pareto_k", "log_evidence", "log_evidence_stderr", "likelihood_evals"):
+                if key in case.reference:
+                    entry["reference"][key] = case.reference[key]
         print(f"  set-up {time.perf_counter() - t0:.1f} s", flush=True)
         cases[name] = entry
         for method in methods:
