@@ -22,7 +22,8 @@ to :func:`pyro_lwflow.fit`'s own defaults (read from its signature, so the two a
   ``(rows,)`` for one column, else ``(rows, columns)``.
 
 Floating arrays become float32 tensors. Without ``--data`` the model's ``.example_data()`` is used
-when it has one, else the model is called without arguments. Errors in the input (a missing file,
+when it has one (a tuple: the positional arguments; anything else: the one argument), else the
+model is called without arguments. Errors in the input (a missing file,
 a model file that does not load, bad data) print one line and exit with status 2.
 """
 
@@ -169,7 +170,8 @@ def _fit(args: argparse.Namespace) -> int:
     if args.data:
         model_args, model_kwargs = read_data(args.data)
     elif callable(getattr(model, "example_data", None)):
-        model_args, model_kwargs = (model.example_data(),), {}
+        example = model.example_data()  # a tuple of positional arguments, or the one argument
+        model_args, model_kwargs = (example if isinstance(example, tuple) else (example,)), {}
     else:
         model_args, model_kwargs = (), {}
 
