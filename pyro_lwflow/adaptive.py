@@ -13,11 +13,65 @@ import math
 from dataclasses import dataclass
 
 import torch
-from pyro.distributions import Distribution
+from pyro.distributions import Distribution, TorchDistribution
 
 from .draws import WeightedDraws
 
-__all__ = ["DrawPool", "Proposal", "choose_beta"]
+__all__ = ["Blend", "DrawPool", "Proposal", "choose_beta"]
+
+
+class Blend(TorchDistribution):
+    """A mixture of distributions of different families over the same ``(D,)`` vectors, e.g. a
+    trained flow and a Student-t mixture fitted to the same draws.
+
+    :param components: distributions with event shape ``(D,)`` and no batch shape.
+    :param weights: ``(len(components),)`` mixture weights (normalised here).
+    """
+
+    arg_constraints = {}  # noqa: RUF012 (torch's class attribute)
+
+    def __init__(self, components: list[Distribution], weights: torch.Tensor) -> None:
+        self.components = list(components)
+        self.weights = torch.as_tensor(weights, dtype=torch.float64) / torch.as_tensor(weights).sum()
+        super().__init__(torch.Size(), self.components[0].event_shape, validate_args=False)
+
+    def sample(self, sample_shape: tuple[int, ...] = ()) -> torch.Tensor:
+        num = int(torch.Size(sample_shape).numel())
+        counts = torch.distributions.Multinomial(num, self.weights).sample().long().tolist() if num else []
+        parts = [c.sample((n,)) for c, n in zip(self.components, counts, strict=True) if n]
+        x = torch.cat(parts) if parts else self.components[0].sample((0,))
+        return x[torch.randperm(num, device=x.device)].reshape(*sample_shape, *self.event_shape)
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        logs = [c.log_prob(value).double() + math.log(max(float(w), 1e-300))
+                for c, w in zip(self.components, self.weights, strict=True)]
+        return torch.logsumexp(torch.stack(logs, -1), -1)
+
+    @staticmethod
+    @torch.no_grad()
+    def fitted(components: list[Distribution], draws: WeightedDraws, floor: float = 0.05, iters: int = 200,
+               device: torch.device | None = None) -> Blend:
+        """The blend of ``components`` whose weights maximise the weighted log density of ``draws``
+        (held-out draws: a flow is denser at the draws it trained on), each weight at least ``floor``.
+
+        EM on the weights alone (the components stay fixed), so a component that fits the draws
+        badly ends with the floor and one that fits them well takes the rest.
+        """
+        w = draws.weights
+        keep = w > 0
+        latents = draws.latents[keep].to(device)
+        log_q = torch.stack([torch.nan_to_num(c.log_prob(latents).double().cpu(), nan=-math.inf)
+                             for c in components], -1)  # (M, C)
+        pi = torch.full((len(components),), 1.0 / len(components), dtype=torch.float64)
+        for _ in range(iters):
+            resp = torch.softmax(log_q + pi.log(), -1).nan_to_num(1.0 / len(components))
+            new = (w[keep, None] * resp).sum(0)
+            new = floor + (1 - floor * len(components)) * new / new.sum()
+            done = float((new - pi).abs().max()) < 1e-6
+            pi = new
+            if done:
+                break
+        return Blend(components, pi)
 
 
 @dataclass

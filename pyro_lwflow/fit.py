@@ -12,13 +12,14 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import pyro
+import pyro.distributions as dist
 import torch
 from pyro import poutine
 from tqdm.auto import tqdm
 
 from . import modes
 from .adapter import PriorAdapter
-from .adaptive import DrawPool, Proposal, choose_beta
+from .adaptive import Blend, DrawPool, Proposal, choose_beta
 from .diagnostics import check_weights, pareto_k, psis_log_weights
 from .draws import WeightedDraws
 from .guide import AutoLWFlow
@@ -32,7 +33,8 @@ __all__ = ["FitResult", "fit"]
 EMA_DECAY = 0.99  # of the parameter average training leaves behind (see _train)
 HELD_OUT = 0.1  # share of the draws a warm round holds out to stop on
 CHECK_EVERY = 25  # steps between held-out checks
-ROUND_ESS_FACTOR = 3.0  # a tempered round draws this many times round_ess / efficiency, so β can rise
+ROUND_ESS_FACTOR = 2.0  # a tempered round draws this many times round_ess / efficiency, so β can rise
+AHEAD_ESS = 300.0  # effective draws the look-ahead part of a tempered proposal is fitted on (see _tempered_proposal)
 
 
 @dataclass
@@ -223,7 +225,10 @@ class _Run:
         self.next_draws = 0
         self.last_round_efficiency = math.nan
         self.guide_efficiency = math.nan  # of the last round drawn from the guide
+        self.efficiencies: list[float] = []  # of every round drawn from the guide
         self.source = "prior"
+        self.next_proposal = None  # what the next round draws from, when not the guide alone
+        self.tempered = False  # whether the last training was at β < 1
         self.summarized_calls, self.summarized_ess = 0, 0.0  # at the last round's summary (calls per ESS gained)
         dim = guide.latent_dim
         self.round_ess = schedule.round_ess
@@ -319,12 +324,13 @@ class _Run:
 
     def draw_from_guide(self) -> None:
         num = self.next_draws
-        proposal = Proposal(self.guide.frozen_posterior(), self.schedule.defensive, num,
-                            self.guide.component_loc.device)
+        flow = self.next_proposal if self.next_proposal is not None else self.guide.frozen_posterior()
+        proposal = Proposal(flow, self.schedule.defensive, num, self.guide.component_loc.device)
         self.pool.add(proposal, *self._draw(proposal, num))
         self.source = "guide"
         self.last_round_efficiency = self.guide_efficiency = self._own_efficiency(len(self.pool.proposals) - 1,
                                                                                   self.beta)
+        self.efficiencies.append(self.guide_efficiency)
 
     def _own_efficiency(self, index: int, beta: float) -> float:
         """ESS per draw of round ``index``'s draws at ``beta``, weighted against their own proposal."""
@@ -340,6 +346,13 @@ class _Run:
         # current β have collapsed), step back to the largest β they support, so training recovers
         floor = self.beta if self.pool.draws(self.beta).ess >= self.round_ess / 4 else 0.0
         beta = choose_beta(self.pool.draws(), self.round_ess, floor=floor)
+        if self.source == "guide" and beta > self.beta:
+            # the pooled draws cannot see mass where none of them is (a funnel's neck, which the
+            # tempered posterior moves into as β rises); the last round's own draws, from a proposal
+            # fitted at the current β, set how far β may step (the conditional ESS of SMC)
+            own = self.pool.own_draws(len(self.pool.proposals) - 1, self.beta)
+            cess = max(choose_beta(own, self.schedule.step_ess * own.ess, floor=self.beta), self.beta)
+            beta = min(beta, cess)
         self.beta = beta
         if not self.auto or beta < 1.0:
             return beta, False
@@ -351,10 +364,14 @@ class _Run:
         guide, loss = self.guide, self.loss
         draws = self.pool.draws(beta)
         mode_ess = min(modes.mode_ess(guide.latent_dim), self.schedule.target_ess)
-        restarted = modes.place_components(guide, self.pool, beta, seed=(seed or 0) + r, mode_ess=mode_ess)
+        restart = beta == 1.0 and self.tempered  # the final training starts afresh on the modes
+        restarted = modes.place_components(guide, self.pool, beta, seed=(seed or 0) + r, mode_ess=mode_ess,
+                                           restart=restart)
+        self.tempered = beta < 1.0
         warm = self.trained_once and not restarted
+        tempered = beta < 1.0 and not self.one_shot
         held_out = None
-        if warm:  # a warm round: hold out a tenth of the draws and stop when its loss stops falling
+        if warm or tempered:  # hold out a tenth of the draws: a warm round stops when its loss stops falling
             mask = torch.rand(len(draws)) < HELD_OUT
             held_out = draws.subset(mask)
             train_draws = draws.subset(~mask)
@@ -365,11 +382,37 @@ class _Run:
         status = f"β={beta:.3g} ESS={draws.ess:,.0f} training"
         self.bar.set_postfix_str(status)
         report = None if self.bar.disable else self._training_report(status, steps)
-        taken = _train(loss, model, guide, args, kwargs, result, steps, lr, lr_decay, clip_norm, held_out,
-                       progress=False, report=report)
+        taken = _train(loss, model, guide, args, kwargs, result, steps, lr, lr_decay, clip_norm,
+                       held_out if warm else None, progress=False, report=report)
         guide.refit_mixture_weights(draws)
         self.trained_once = True
+        self.next_proposal = self._tempered_proposal(train_draws, held_out, seed, r) if tempered else None
         return taken
+
+    def _tempered_proposal(self, train_draws: WeightedDraws, held_out: WeightedDraws, seed, r) -> Blend:
+        """What a tempered round draws from: the trained flow and a Student-t mixture fitted to the same
+        draws, weighted by how well each fits the held-out draws, plus a share ``schedule.explore`` of
+        a Student-t mixture fitted to the pooled draws at a higher temperature (where they keep
+        ``AHEAD_ESS`` effective draws).
+
+        The t mixture contracts to wherever the tempered posterior went, by any factor, in one round;
+        the flow shapes it once it has the draws to. The look-ahead part draws where the posterior is
+        going, which the pooled draws cannot see yet: a data-dominated posterior with an unknown noise
+        scale narrows into a funnel's neck as β rises (small noise, coefficients near their fit), and
+        without it no draw lands there until the weights collapse.
+        """
+        guide, device = self.guide, self.guide.component_loc.device
+        seed = (seed or 0) + r
+        moments = _on(modes.moment_proposal(train_draws, seed=seed), device)
+        blend = Blend.fitted([guide.frozen_posterior(), moments], held_out, device=device)
+        share = self.schedule.explore
+        if share <= 0:
+            return blend
+        pool = self.pool.draws()
+        ahead = pool.with_beta(choose_beta(pool, AHEAD_ESS, floor=self.beta))
+        ahead = _on(modes.moment_proposal(ahead, seed=seed), device)
+        weights = torch.cat([(1 - share) * blend.weights, torch.tensor([share], dtype=torch.float64)])
+        return Blend([*blend.components, ahead], weights)
 
     def _training_report(self, status: str, steps: int) -> Callable[[int, float, float | None], None]:
         """What :func:`_train` calls every ``CHECK_EVERY`` steps: the step count and the loss on the bar."""
@@ -401,6 +444,10 @@ class _Run:
         """Size the next round from the guide's efficiency; ``False`` when the budget is spent."""
         schedule = self.schedule
         efficiency = self.guide_efficiency if math.isfinite(self.guide_efficiency) else 0.8
+        if self.efficiencies:  # a collapsed round says its proposal was wrong at that β, not that the next,
+            # fitted on its draws at a β they support, will be: size it by the rounds so far
+            usual = torch.tensor([e for e in self.efficiencies if math.isfinite(e)] or [0.8]).median()
+            efficiency = max(efficiency, 0.5 * float(usual))
         efficiency = min(max(efficiency, 0.01), 1.0)
         if self.beta < 1.0:
             need = ROUND_ESS_FACTOR * self.round_ess
@@ -416,6 +463,13 @@ class _Run:
             return False
         self.next_draws = min(num, left)
         return True
+
+
+def _on(mixture: dist.MixtureSameFamily, device: torch.device) -> dist.MixtureSameFamily:
+    """A Student-t mixture (:func:`~pyro_lwflow.modes.moment_proposal`) moved to ``device``."""
+    t = mixture.component_distribution
+    return dist.MixtureSameFamily(dist.Categorical(probs=mixture.mixture_distribution.probs.to(device)),
+                                  dist.MultivariateStudentT(t.df.to(device), t.loc.to(device), t.scale_tril.to(device)))
 
 
 def _warn_if_unfinished(result: FitResult, beta: float, schedule: Schedule) -> None:

@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
+import pyro.distributions as dist
 import torch
 
 from .adaptive import DrawPool, choose_beta
@@ -27,6 +28,7 @@ __all__ = [
     "fit_gaussian_mixture",
     "kmeans_plus_plus",
     "mode_ess",
+    "moment_proposal",
     "place_components",
     "select_num_components",
 ]
@@ -230,20 +232,53 @@ def find_modes(
     return fit.standardized(guide.standardize.loc.cpu(), guide.standardize.scale.cpu())
 
 
+@torch.no_grad()
+def moment_proposal(draws: WeightedDraws, max_components: int = 8, seed: int = 0, df: float = 5.0,
+                    num_points: int = 5_000) -> dist.MixtureSameFamily:
+    """A mixture of multivariate Student-t's (``df``) over packed latents ``(D,)``: a full-covariance
+    Gaussian mixture fitted by EM to the weighted draws (resampled by weight), its number of
+    components by BIC up to ``max_components``, with heavier tails.
+
+    A density estimate, not a mode count: a skewed or funnel-shaped posterior takes several
+    components. It follows a tempered posterior wherever it goes, whatever its scale and
+    correlations (a posterior 10⁻³ of the prior's width, in one round).
+    """
+    gen = torch.Generator().manual_seed(seed)
+    x = resample_points(draws, num_points, gen)
+    fits: dict[int, GaussianMixtureFit] = {}
+    for k in range(1, max_components + 1):
+        if x.shape[0] < 20 * k * x.shape[1]:  # too few points for k full covariances
+            break
+        fits[k] = fit_gaussian_mixture(x, k, generator=gen)
+        if k >= min(fits, key=lambda j: fits[j].bic) + 2:  # BIC got worse twice in a row
+            break
+    fit = fits[min(fits, key=lambda j: fits[j].bic)] if fits else fit_gaussian_mixture(x, 1, generator=gen)
+    eye = torch.eye(fit.means.shape[-1], dtype=fit.covariances.dtype)
+    cov = fit.covariances + 1e-9 * fit.covariances.diagonal(dim1=-2, dim2=-1).mean(-1)[:, None, None] * eye
+    return dist.MixtureSameFamily(
+        dist.Categorical(probs=fit.weights.float()),
+        dist.MultivariateStudentT(torch.tensor(df), fit.means.float(), torch.linalg.cholesky(cov).float()),
+    )
+
+
 def mode_ess(dim: int) -> float:
     """Effective draws to count modes on in ``dim`` dimensions: enough that EM's full-covariance
     components (``dim (dim + 3) / 2`` parameters each) do not split one mode into several."""
     return max(MODE_ESS, MODE_ESS_PER_PARAMETER * dim * (dim + 3) / 2)
 
 
-def place_components(guide: AutoLWFlow, pool: DrawPool, beta: float, seed: int, mode_ess: float) -> bool:
+def place_components(guide: AutoLWFlow, pool: DrawPool, beta: float, seed: int, mode_ess: float,
+                     restart: bool = False) -> bool:
     """Start the mixture on the modes of the pooled draws at temperature ``beta`` (a round of fit).
 
     With ``"auto"``, the modes are counted each round on the sharpest draws that still have
     ``mode_ess`` effective draws (tempering flattens modes: at β ≈ 0.3 a Student-t mixture's
     modes melt into one plateau), and the flow restarts when the count changes, or when the draws
-    have left the guide's standardised coordinates. Draws with under half of ``mode_ess`` keep the
-    count as it is. Returns whether the flow (re)started from the identity.
+    have left the guide's standardised coordinates, or when ``restart`` (a fit that tempered its way
+    to β = 1 starts its final training afresh, its components on the posterior's modes, as a fit from
+    gradient optima does: a flow warm-started through the tempered posteriors keeps their bridges).
+    Draws with under half of ``mode_ess`` keep the count as it is. Returns whether the flow
+    (re)started from the identity.
     """
     draws = pool.draws(beta)
     k = None
@@ -253,7 +288,7 @@ def place_components(guide: AutoLWFlow, pool: DrawPool, beta: float, seed: int, 
             k = count_modes(guide, sharp, seed=seed)
     if not guide.initialized:
         guide.initialize(draws, seed=seed, num_components=k)
-    elif _moved(guide, draws, seed):
+    elif restart or _moved(guide, draws, seed):
         guide.reset(draws, seed=seed, num_components=k, restandardize=True)
     elif k is not None and k != guide.mixture_logits.shape[0]:
         guide.reset(draws, seed=seed, num_components=k)

@@ -21,8 +21,11 @@ class Schedule:
     the prior, share ``defensive``), as many as the last round's efficiency says it takes to add
     ``round_ess`` effective draws (between ``initial_draws / 4`` and ``max_draws``), or to reach
     ``target_ess`` once at β = 1. While the pooled weights are too uneven, the likelihood is
-    tempered (``L^β``, β the largest keeping ``round_ess`` effective draws); the number of rounds
-    follows from that, up to ``max_rounds``. The fit stops when the pooled weights at β = 1 have
+    tempered (``L^β``, β the largest keeping ``round_ess`` effective draws in the pool and a share
+    ``step_ess`` of the last round's own), and a tempered round draws from the flow blended with
+    Student-t mixtures fitted to the draws at β and ahead of it (``explore``), which follow a
+    posterior that narrows by orders of magnitude; the number of rounds follows from that, up to
+    ``max_rounds``. The fit stops when the pooled weights at β = 1 have
     ``target_ess`` effective draws and Pareto k̂ < 0.7, or when ``budget`` is spent.
 
     :param budget: most model evaluations to spend: likelihood evaluations plus gradient
@@ -30,6 +33,10 @@ class Schedule:
     :param target_ess: effective draws at β = 1 to stop at (20,000 keeps the fitted mode weights
         within about 0.005 and the flow's training noise below a 20,000-draw sample's own).
     :param round_ess: effective draws each tempered round trains on.
+    :param step_ess: how far β may rise after a round drawn from the guide: to where that round's own
+        draws keep this share of their ESS (SMC's conditional-ESS rule).
+    :param explore: share of each tempered round's draws aimed ahead of its β, at where the pooled
+        draws at a higher β sit (what lets a data-dominated posterior narrow into a funnel's neck).
     :param initial_draws: draws of round 0; ``None``: ``2,000 · D`` for the prior start
         (``D`` latent dimensions), ``1,000 · D`` from gradient optima, at least 4,000 and 10,000.
     :param max_draws: most draws of one round.
@@ -49,6 +56,8 @@ class Schedule:
     budget: int = 1_000_000
     target_ess: float = 20_000
     round_ess: float = 2_000
+    step_ess: float = 0.5
+    explore: float = 0.2
     initial_draws: int | None = None
     max_draws: int = 100_000
     defensive: float = 0.1
@@ -62,6 +71,10 @@ class Schedule:
     def __post_init__(self) -> None:
         if self.num_rounds != "auto" and not (isinstance(self.num_rounds, int) and self.num_rounds >= 1):
             raise ValueError(f"Schedule.num_rounds must be a positive integer or 'auto', got {self.num_rounds!r}")
+        if not 0.0 <= self.explore < 1.0:
+            raise ValueError(f"Schedule.explore must be in [0, 1), got {self.explore}")
+        if not 0.0 < self.step_ess < 1.0:
+            raise ValueError(f"Schedule.step_ess must be in (0, 1), got {self.step_ess}")
         if not 0.0 <= self.defensive < 1.0:
             raise ValueError(f"Schedule.defensive must be in [0, 1), got {self.defensive}")
         if self.starts not in STARTS:

@@ -146,3 +146,20 @@ def test_bench_runs_the_script_or_says_it_is_missing(monkeypatch, capsys):
     assert "is not available" in _error(capsys, ["bench", "high-dim"])
     with pytest.raises(SystemExit):
         cli.main(["bench", "nonsense"])
+
+
+def test_example_data_as_a_tuple_gives_the_positional_arguments(tmp_path):
+    """``.example_data()`` may return the tuple of positional arguments (``models/real_models.py``)
+    or the one argument (``models/ode_models.py``)."""
+    source = tmp_path / "two_args.py"
+    source.write_text(
+        "import pyro, pyro.distributions as dist, torch\n"
+        "def model(x, y):\n"
+        "    b = pyro.sample('b', dist.Normal(0.0, 3.0))\n"
+        "    with pyro.plate('data', len(y)):\n"
+        "        pyro.sample('y', dist.Normal(b * x, 1.0), obs=y)\n"
+        "model.example_data = lambda: (torch.tensor([1.0, 2.0, 3.0]), torch.tensor([0.9, 2.2, 2.8]))\n"
+    )
+    out = tmp_path / "out"
+    assert cli.main(["fit", str(source), "--out", str(out), *SMALL]) == 0
+    assert json.loads((out / "metrics.json").read_text())["num_likelihood_evals"] == 10_000
