@@ -22,14 +22,15 @@ to :func:`pyro_lwflow.fit`'s own defaults (read from its signature, so the two a
   ``(rows,)`` for one column, else ``(rows, columns)``.
 
 Floating arrays become float32 tensors. Without ``--data`` the model's ``.example_data()`` is used
-when it has one (a tuple: the positional arguments; anything else: the one argument), else the
-model is called without arguments. Errors in the input (a missing file,
+when it has one (a tuple with one item per positional parameter: those arguments; anything else:
+the one argument), else the model is called without arguments. Errors in the input (a missing file,
 a model file that does not load, bad data) print one line and exit with status 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import re
 import subprocess
@@ -170,8 +171,7 @@ def _fit(args: argparse.Namespace) -> int:
     if args.data:
         model_args, model_kwargs = read_data(args.data)
     elif callable(getattr(model, "example_data", None)):
-        example = model.example_data()  # a tuple of positional arguments, or the one argument
-        model_args, model_kwargs = (example if isinstance(example, tuple) else (example,)), {}
+        model_args, model_kwargs = _example_args(model), {}
     else:
         model_args, model_kwargs = (), {}
 
@@ -264,6 +264,23 @@ def _metrics(result, idata, truth, wall_time: float) -> dict:
             true_log_evidence=truth.log_evidence,
         )
     return out
+
+
+def _example_args(model) -> tuple:
+    """The model's ``.example_data()`` as positional arguments: a tuple with one item per positional
+    parameter of the model is those arguments (``real_models.linear_regression(x, y)``); anything
+    else is the one argument (a tuple too, for a model taking one)."""
+    example = model.example_data()
+    if isinstance(example, tuple):
+        try:
+            params = inspect.signature(model).parameters.values()
+        except (TypeError, ValueError):
+            return (example,)
+        positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+                      and p.default is p.empty]
+        if len(positional) == len(example) > 1:
+            return example
+    return (example,)
 
 
 def _one_line(err: BaseException) -> str:
