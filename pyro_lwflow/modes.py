@@ -249,7 +249,7 @@ def moment_proposal(draws: WeightedDraws, max_components: int = 8, seed: int = 0
     for k in range(1, max_components + 1):
         if x.shape[0] < 20 * k * x.shape[1]:  # too few points for k full covariances
             break
-        fits[k] = fit_gaussian_mixture(x, k, generator=gen)
+        fits[k] = fit_gaussian_mixture(x, k, generator=gen, num_restarts=1)  # a density, not a mode count
         if k >= min(fits, key=lambda j: fits[j].bic) + 2:  # BIC got worse twice in a row
             break
     fit = fits[min(fits, key=lambda j: fits[j].bic)] if fits else fit_gaussian_mixture(x, 1, generator=gen)
