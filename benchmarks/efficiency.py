@@ -138,7 +138,7 @@ class Case:
     def __init__(self, name: str, quick: bool, out: Path, score_draws: int = SCORE_DRAWS) -> None:
         self.name, self.file = name, FILES[name]
         self.model = models.load(f"{self.file}:{name}")
-        self.args = _example_args(self.model)
+        self.args = models.example_args(self.model)
         self.cube = UnitCube(self.model, self.args)
         self.dim = self.cube.dim
         self.truth = getattr(self.model, "truth", None)
@@ -224,19 +224,22 @@ class Case:
         return row
 
 
-def _example_args(model) -> tuple:
-    """The model's positional arguments from ``.example_data()``: a tuple as it is (``real_models``), any
-    other value as the one argument (``normal_scale``, ``ode_models``, as ``lwflow fit`` passes it)."""
-    if not hasattr(model, "example_data"):
-        return ()
-    data = model.example_data()
-    return data if isinstance(data, tuple) else (data,)
-
-
 def _sd(values) -> float | None:
     """Sample sd (``ddof=1``) of finite ``values``; ``None`` for fewer than two."""
     values = [float(v) for v in values if v is not None and math.isfinite(v)]
     return float(np.std(values, ddof=1)) if len(values) > 1 else None
+
+
+def _cached_reference(case: Case, quick: bool, out: Path, settings: dict) -> tuple[Path, dict | None]:
+    """Where ``case``'s reference is cached, and the cached one if it was made with ``settings``."""
+    path = out / "reference" / f"{case.name}{'_quick' if quick else ''}.pt"
+    if path.exists():
+        cached = torch.load(path, weights_only=False)
+        if cached.get("settings") == settings:
+            print(f"  reference: {path} (cached)", flush=True)
+            return path, cached
+        print(f"  reference: {path} has other settings; recomputing", flush=True)
+    return path, None
 
 
 def _reference(case: Case, quick: bool, out: Path) -> dict:
@@ -247,15 +250,11 @@ def _reference(case: Case, quick: bool, out: Path) -> dict:
     via, to_case = REFERENCE_VIA.get(case.name, (case.name, None))
     settings = {**reference_settings(quick), "seed": REFERENCE_SEED, "model": f"real_models:{via}",
                 "labels": case.cube.labels}
-    path = out / "reference" / f"{case.name}{'_quick' if quick else ''}.pt"
-    if path.exists():
-        cached = torch.load(path, weights_only=False)
-        if cached.get("settings") == settings:
-            print(f"  reference: {path} (cached)", flush=True)
-            return cached
-        print(f"  reference: {path} has other settings; recomputing", flush=True)
+    path, cached = _cached_reference(case, quick, out, settings)
+    if cached is not None:
+        return cached
     model = models.load(settings["model"])
-    args = tuple(model.example_data())
+    args = models.example_args(model)
 
     def flatten(samples: dict, n: int) -> torch.Tensor:
         return case.flatten(to_case(samples) if to_case else samples, n)
@@ -278,18 +277,14 @@ def _is_reference(case: Case, quick: bool, out: Path) -> dict:
     sampling), cached like the NUTS references."""
     settings = {**is_reference_settings(quick), "seed": REFERENCE_SEED, "model": IS_REFERENCE[case.name],
                 "labels": case.cube.labels}
-    path = out / "reference" / f"{case.name}{'_quick' if quick else ''}.pt"
-    if path.exists():
-        cached = torch.load(path, weights_only=False)
-        if cached.get("settings") == settings:
-            print(f"  reference: {path} (cached)", flush=True)
-            return cached
-        print(f"  reference: {path} has other settings; recomputing", flush=True)
+    path, cached = _cached_reference(case, quick, out, settings)
+    if cached is not None:
+        return cached
     model = models.load(settings["model"])
     print(f"  reference: importance sampling, {settings['num_draws']:,} draws after {settings['stages']} × "
           f"{settings['stage_draws']:,} adaptation on {settings['model']} …", flush=True)
     t0 = time.perf_counter()
-    res = model.reference_posterior(*_example_args(model), num_draws=settings["num_draws"],
+    res = model.reference_posterior(*models.example_args(model), num_draws=settings["num_draws"],
                                     stage_draws=settings["stage_draws"], stages=settings["stages"],
                                     seed=REFERENCE_SEED)
     seconds = time.perf_counter() - t0

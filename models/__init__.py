@@ -33,10 +33,11 @@ paper_targets.py:three_mode_2d`` finds it from any folder. Example::
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["DIRECTORY", "load", "names"]
+__all__ = ["DIRECTORY", "example_args", "load", "names"]
 
 DIRECTORY = Path(__file__).resolve().parent
 """The folder holding the example model files."""
@@ -59,6 +60,26 @@ def load(name: str) -> Callable:
         files = sorted(p.stem for p in DIRECTORY.glob("[!_]*.py"))
         raise FileNotFoundError(f"no example model file '{stem}'; the examples are: {', '.join(files)}")
     return load_model(f"{path}{sep}{function}")
+
+
+def example_args(model: Callable) -> tuple:
+    """``model``'s positional arguments from its ``.example_data()`` (``()`` without one): a tuple
+    that fits the model's positional parameters is those arguments (``real_models.linear_regression(x,
+    y)``, ``ar_model(y, order=5)``); any other value is the one argument (a tuple too, for a model that
+    takes one)."""
+    if not callable(getattr(model, "example_data", None)):
+        return ()
+    example = model.example_data()
+    if isinstance(example, tuple):
+        try:
+            params = [p for p in inspect.signature(model).parameters.values()
+                      if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        except (TypeError, ValueError):
+            return example
+        required = sum(p.default is p.empty for p in params)
+        if required <= len(example) <= len(params):
+            return example
+    return (example,)
 
 
 def names() -> list[str]:

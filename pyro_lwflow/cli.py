@@ -30,7 +30,6 @@ a model file that does not load, bad data) print one line and exit with status 2
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import re
 import subprocess
@@ -170,10 +169,10 @@ def _fit(args: argparse.Namespace) -> int:
             raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     if args.data:
         model_args, model_kwargs = read_data(args.data)
-    elif callable(getattr(model, "example_data", None)):
-        model_args, model_kwargs = _example_args(model), {}
     else:
-        model_args, model_kwargs = (), {}
+        from . import models
+
+        model_args, model_kwargs = models.example_args(model), {}
 
     import matplotlib
 
@@ -264,23 +263,6 @@ def _metrics(result, idata, truth, wall_time: float) -> dict:
             true_log_evidence=truth.log_evidence,
         )
     return out
-
-
-def _example_args(model) -> tuple:
-    """The model's ``.example_data()`` as positional arguments: a tuple with one item per positional
-    parameter of the model is those arguments (``real_models.linear_regression(x, y)``); anything
-    else is the one argument (a tuple too, for a model taking one)."""
-    example = model.example_data()
-    if isinstance(example, tuple):
-        try:
-            params = inspect.signature(model).parameters.values()
-        except (TypeError, ValueError):
-            return (example,)
-        positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
-                      and p.default is p.empty]
-        if len(positional) == len(example) > 1:
-            return example
-    return (example,)
 
 
 def _one_line(err: BaseException) -> str:
