@@ -12,7 +12,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import pyro
-import pyro.distributions as dist
 import torch
 from pyro import poutine
 from tqdm.auto import tqdm
@@ -403,14 +402,14 @@ class _Run:
         """
         guide, device = self.guide, self.guide.component_loc.device
         seed = (seed or 0) + r
-        moments = _on(modes.moment_proposal(train_draws, seed=seed), device)
+        moments = modes.moment_proposal(train_draws, seed=seed, device=device)
         blend = Blend.fitted([guide.frozen_posterior(), moments], held_out, device=device)
         share = self.schedule.explore
         if share <= 0:
             return blend
         pool = self.pool.draws()
         ahead = pool.with_beta(choose_beta(pool, AHEAD_ESS, floor=self.beta))
-        ahead = _on(modes.moment_proposal(ahead, seed=seed), device)
+        ahead = modes.moment_proposal(ahead, seed=seed, device=device)
         weights = torch.cat([(1 - share) * blend.weights, torch.tensor([share], dtype=torch.float64)])
         return Blend([*blend.components, ahead], weights)
 
@@ -463,13 +462,6 @@ class _Run:
             return False
         self.next_draws = min(num, left)
         return True
-
-
-def _on(mixture: dist.MixtureSameFamily, device: torch.device) -> dist.MixtureSameFamily:
-    """A Student-t mixture (:func:`~pyro_lwflow.modes.moment_proposal`) moved to ``device``."""
-    t = mixture.component_distribution
-    return dist.MixtureSameFamily(dist.Categorical(probs=mixture.mixture_distribution.probs.to(device)),
-                                  dist.MultivariateStudentT(t.df.to(device), t.loc.to(device), t.scale_tril.to(device)))
 
 
 def _warn_if_unfinished(result: FitResult, beta: float, schedule: Schedule) -> None:

@@ -234,14 +234,14 @@ def find_modes(
 
 @torch.no_grad()
 def moment_proposal(draws: WeightedDraws, max_components: int = 8, seed: int = 0, df: float = 5.0,
-                    num_points: int = 5_000) -> dist.MixtureSameFamily:
+                    num_points: int = 5_000, device: torch.device | None = None) -> dist.MixtureSameFamily:
     """A mixture of multivariate Student-t's (``df``) over packed latents ``(D,)``: a full-covariance
     Gaussian mixture fitted by EM to the weighted draws (resampled by weight), its number of
     components by BIC up to ``max_components``, with heavier tails.
 
     A density estimate, not a mode count: a skewed or funnel-shaped posterior takes several
     components. It follows a tempered posterior wherever it goes, whatever its scale and
-    correlations (a posterior 10⁻³ of the prior's width, in one round).
+    correlations (a posterior 10⁻³ of the prior's width, in one round). Its parameters live on ``device``.
     """
     gen = torch.Generator().manual_seed(seed)
     x = resample_points(draws, num_points, gen)
@@ -256,8 +256,9 @@ def moment_proposal(draws: WeightedDraws, max_components: int = 8, seed: int = 0
     eye = torch.eye(fit.means.shape[-1], dtype=fit.covariances.dtype)
     cov = fit.covariances + 1e-9 * fit.covariances.diagonal(dim1=-2, dim2=-1).mean(-1)[:, None, None] * eye
     return dist.MixtureSameFamily(
-        dist.Categorical(probs=fit.weights.float()),
-        dist.MultivariateStudentT(torch.tensor(df), fit.means.float(), torch.linalg.cholesky(cov).float()),
+        dist.Categorical(probs=fit.weights.float().to(device)),
+        dist.MultivariateStudentT(torch.tensor(df, device=device), fit.means.float().to(device),
+                                  torch.linalg.cholesky(cov).float().to(device)),
     )
 
 
