@@ -65,6 +65,11 @@ def test_the_check_weights_by_the_likelihood_and_corrects(amortized):
         corrected = check.sample(20_000, generator=torch.Generator().manual_seed(0))["mu"]
         assert abs(float(corrected.mean()) - mean) < 0.1 * sd
         assert 0.9 < float(corrected.std()) / sd < 1.1
+        distinct = check.rejection_sample(generator=torch.Generator().manual_seed(0))["mu"]
+        assert 1_000 < len(distinct) <= 5_000
+        assert len(torch.unique(distinct)) > 0.99 * len(distinct)  # float32 ties aside, no repeats
+        assert abs(float(distinct.mean()) - mean) < 0.15 * sd
+        assert 0.9 < float(distinct.std()) / sd < 1.1
 
 
 def test_one_data_set_and_a_batch_have_the_documented_shapes(amortized):
