@@ -5,7 +5,8 @@ checked with 10,000 likelihood calls. The same importance weights give two corre
 
 - PSIS resampling with replacement (``check.sample``): many repeated draws, which the C2ST classifier
   learns across its cross-validation folds;
-- rejection sampling (accept each draw with probability ``w / max w``): fewer, distinct, exact draws.
+- rejection sampling (``check.rejection_sample``: each draw kept with probability ``w / max w``):
+  fewer, distinct, exact draws.
 
 Each is scored with sbibm's C2ST against as many reference draws, and so are the amortized draws at
 the rejection sample's size. Needs the ``bench`` extra (sbibm). Run::
@@ -20,7 +21,6 @@ from sbibm import get_task
 from sbibm.metrics import c2st
 
 from pyro_lwflow import amortize, models
-from pyro_lwflow.diagnostics import psis_log_weights
 
 
 def main() -> None:
@@ -35,9 +35,7 @@ def main() -> None:
     resampled = check.sample(10_000)["theta"]
     print(f"resampled: {len(torch.unique(resampled, dim=0)):,} distinct of 10,000; "
           f"C2ST {float(c2st(reference, resampled)):.3f}")
-    log_w, _ = psis_log_weights(check.draws.log_weights)
-    keep = torch.rand(len(log_w), dtype=log_w.dtype) < torch.exp(log_w - log_w.max())
-    exact = amortized.layout.unpack(check.draws.latents[keep])["theta"]
+    exact = check.rejection_sample()["theta"]
     n = len(exact)
     print(f"rejection-sampled: {n:,} distinct exact draws; C2ST {float(c2st(reference[:n], exact)):.3f}")
     amortized_draws = amortized.condition(x_o).sample(n)["theta"]
