@@ -231,6 +231,7 @@ class _Run:
         self.summarized_calls, self.summarized_ess = 0, 0.0  # at the last round's summary (calls per ESS gained)
         dim = guide.latent_dim
         self.round_ess = schedule.round_ess
+        self.needed_ess = schedule.target_ess  # effective draws at β = 1 the stop needs (see _needed_ess)
         if guide.num_components == "auto":  # enough effective draws to count modes on
             self.round_ess = max(self.round_ess, min(modes.mode_ess(dim), schedule.target_ess))
         self.bar = tqdm(total=schedule.budget, disable=not progress, unit="call", desc="lwflow fit",
@@ -356,7 +357,19 @@ class _Run:
         if not self.auto or beta < 1.0:
             return beta, False
         at_one = self.pool.draws(1.0)
-        return beta, at_one.ess >= self.schedule.target_ess and pareto_k(at_one) < 0.7
+        self.needed_ess = self._needed_ess(at_one)
+        return beta, at_one.ess >= self.needed_ess and pareto_k(at_one) < 0.7
+
+    def _needed_ess(self, at_one: WeightedDraws) -> float:
+        """Effective draws at β = 1 the stop needs: ``target_ess``, or more while a mixture weight's
+        standard error exceeds ``Schedule.mode_weight_stderr`` (its variance falls as 1 / ESS)."""
+        tol = self.schedule.mode_weight_tolerance
+        if tol is None or self.guide.num_components == 1 or len(at_one) == 0:
+            return self.schedule.target_ess
+        if not self.trained_once:
+            return math.inf  # no components placed yet, so no mode weights to judge: train first
+        stderr = float(self.guide.mixture_weight_stderr(at_one).max())
+        return max(self.schedule.target_ess, at_one.ess * (stderr / tol) ** 2)
 
     def train(self, model, args, kwargs, result, beta, lr, lr_decay, clip_norm, seed, r) -> int:
         """Place the components and train at ``beta``; returns the steps taken."""
@@ -451,7 +464,9 @@ class _Run:
         if self.beta < 1.0:
             need = ROUND_ESS_FACTOR * self.round_ess
         else:
-            need = max(schedule.target_ess - self.pool.draws(1.0).ess, self.round_ess) * 1.1
+            at_one = self.pool.draws(1.0)
+            self.needed_ess = self._needed_ess(at_one)  # with the guide just trained
+            need = max(self.needed_ess - at_one.ess, self.round_ess) * 1.1
         smallest = min(schedule.first_round_draws(self.guide.latent_dim, from_optima=False) // 4, schedule.max_draws)
         num = int(min(max(need / (1 - schedule.defensive) / efficiency, smallest), schedule.max_draws))
         if not self.auto:

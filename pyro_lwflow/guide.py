@@ -250,17 +250,7 @@ class AutoLWFlow(AutoContinuous):
         """
         if self.mixture_logits.shape[0] == 1:
             return
-        # the draws carrying all but 1e-6 of the weight: a few percent of a prior sample
-        order = torch.argsort(draws.weights, descending=True)
-        mass = torch.cumsum(draws.weights[order], 0)
-        keep = order[: int(torch.searchsorted(mass, torch.tensor(1 - 1e-6, dtype=mass.dtype))) + 1]
-        weights = draws.weights[keep]
-        weights = (weights / weights.sum()).to(self.component_loc)
-        comps = dist.Normal(self.component_loc, self.component_scale).to_event(1)
-        log_comp = torch.cat([  # (M, K), in chunks to bound the flow's activations
-            comps.log_prob(self.transform.inv(chunk.to(self.component_loc)).unsqueeze(-2))
-            for chunk in draws.latents[keep].split(65_536)
-        ])
+        weights, log_comp = self._weighted_components(draws)
         pi = torch.softmax(self.mixture_logits, 0)
         for _ in range(max_iters):
             resp = torch.softmax(log_comp + pi.clamp_min(1e-12).log(), -1)
@@ -272,6 +262,34 @@ class AutoLWFlow(AutoContinuous):
         log_pi = pi.clamp_min(1e-12).log()
         # in place, so an optimiser holding the parameter keeps working
         self.mixture_logits_unconstrained.data.copy_(log_pi - log_pi.logsumexp(0))
+
+    @torch.no_grad()
+    def mixture_weight_stderr(self, draws: WeightedDraws) -> torch.Tensor:
+        """``(K,)`` standard errors of the mixture weights that ``draws`` estimate: component k's
+        weight is ``π̂ₖ = Σᵢ w̄ᵢ rᵢₖ`` (``w̄`` the normalised importance weights, ``rᵢₖ`` its
+        responsibility for draw i), with variance ``Σᵢ w̄ᵢ² (rᵢₖ − π̂ₖ)²`` (the delta method). With the
+        components on the modes, these are the errors of the modes' masses."""
+        if self.mixture_logits.shape[0] == 1:
+            return torch.zeros(1)
+        weights, log_comp = self._weighted_components(draws)
+        resp = torch.softmax(log_comp + torch.log_softmax(self.mixture_logits, 0), -1)
+        estimate = weights @ resp
+        return torch.sqrt((weights.unsqueeze(-1) ** 2 * (resp - estimate) ** 2).sum(0)).cpu()
+
+    def _weighted_components(self, draws: WeightedDraws) -> tuple[torch.Tensor, torch.Tensor]:
+        """``((M,) normalised weights, (M, K) component log densities in the base space)`` of the
+        draws carrying all but 1e-6 of the weight (a few percent of a prior sample)."""
+        order = torch.argsort(draws.weights, descending=True)
+        mass = torch.cumsum(draws.weights[order], 0)
+        keep = order[: int(torch.searchsorted(mass, torch.tensor(1 - 1e-6, dtype=mass.dtype))) + 1]
+        weights = draws.weights[keep]
+        weights = (weights / weights.sum()).to(self.component_loc)
+        comps = dist.Normal(self.component_loc, self.component_scale).to_event(1)
+        log_comp = torch.cat([  # in chunks to bound the flow's activations
+            comps.log_prob(self.transform.inv(chunk.to(self.component_loc)).unsqueeze(-2))
+            for chunk in draws.latents[keep].split(65_536)
+        ])
+        return weights, log_comp
 
     # -- the distribution ---------------------------------------------------------------
 

@@ -26,12 +26,18 @@ class Schedule:
     Student-t mixtures fitted to the draws at β and ahead of it (``explore``), which follow a
     posterior that narrows by orders of magnitude; the number of rounds follows from that, up to
     ``max_rounds``. The fit stops when the pooled weights at β = 1 have
-    ``target_ess`` effective draws and Pareto k̂ < 0.7, or when ``budget`` is spent.
+    ``target_ess`` effective draws, Pareto k̂ < 0.7 and (a guide with several components) every
+    component's weight known to ``mode_weight_stderr``, or when ``budget`` is spent.
 
     :param budget: most model evaluations to spend: likelihood evaluations plus gradient
         evaluations (each point L-BFGS evaluates counts once).
     :param target_ess: effective draws at β = 1 to stop at (20,000 keeps the fitted mode weights
         within about 0.005 and the flow's training noise below a 20,000-draw sample's own).
+    :param mode_weight_stderr: the largest standard error of a mixture weight (a mode's mass, the
+        components being on the modes) the stop accepts, from the pooled importance weights; their
+        variance falls as 1 / ESS, so a posterior with several comparable modes runs on past
+        ``target_ess``. ``"auto"``: ``1 / sqrt(8 · target_ess)`` (0.0025 at the default: two equal
+        modes run to twice ``target_ess``); ``None``: ESS alone.
     :param round_ess: effective draws each tempered round trains on.
     :param step_ess: how far β may rise after a round drawn from the guide: to where that round's own
         draws keep this share of their ESS (SMC's conditional-ESS rule).
@@ -55,6 +61,7 @@ class Schedule:
 
     budget: int = 1_000_000
     target_ess: float = 20_000
+    mode_weight_stderr: float | str | None = "auto"
     round_ess: float = 2_000
     step_ess: float = 0.5
     explore: float = 0.2
@@ -77,6 +84,12 @@ class Schedule:
             raise ValueError(f"Schedule.step_ess must be in (0, 1), got {self.step_ess}")
         if not 0.0 <= self.defensive < 1.0:
             raise ValueError(f"Schedule.defensive must be in [0, 1), got {self.defensive}")
+        if self.mode_weight_stderr not in ("auto", None) and not (
+            isinstance(self.mode_weight_stderr, (int, float)) and self.mode_weight_stderr > 0
+        ):
+            raise ValueError(
+                f"Schedule.mode_weight_stderr must be 'auto', None or positive, got {self.mode_weight_stderr!r}"
+            )
         if self.starts not in STARTS:
             raise ValueError(f"Schedule.starts must be one of {STARTS}, got {self.starts!r}")
         for name in ("budget", "target_ess", "round_ess", "max_draws", "num_steps", "max_rounds"):
@@ -88,6 +101,13 @@ class Schedule:
         """The paper's method: ``num_draws`` prior draws weighted by their likelihood, one training."""
         return cls(budget=num_draws, initial_draws=num_draws, max_draws=num_draws, num_steps=num_steps, num_rounds=1,
                    starts="prior")
+
+    @property
+    def mode_weight_tolerance(self) -> float | None:
+        """The largest mixture-weight standard error the stop accepts (``None``: no such rule)."""
+        if self.mode_weight_stderr == "auto":
+            return 1.0 / math.sqrt(8.0 * self.target_ess)
+        return self.mode_weight_stderr
 
     def with_(self, **changes) -> Schedule:
         """A copy with some fields changed."""

@@ -91,6 +91,21 @@ def test_the_gradient_start_keeps_both_modes_through_the_fit():
     assert abs(result.log_evidence - truth.log_evidence) < 4 * result.log_evidence_stderr + 0.005
 
 
+@pytest.mark.slow
+def test_the_stop_waits_until_the_mode_weights_are_known():
+    model, truth = _box_mixture_model([[-5.0, 0.0], [5.0, 2.0]], 0.7, [0.3, 0.7])
+    schedule = Schedule(num_steps=200, warm_steps=100, target_ess=2_000, initial_draws=3_000, mode_weight_stderr=0.005)
+    result = fit(model, schedule=schedule, progress=False)
+    stderr = result.guide.mixture_weight_stderr(result.draws)
+    assert result.num_components == 2 and float(stderr.max()) <= 0.005
+    assert result.ess > 3 * schedule.target_ess  # 0.3 · 0.7 / 0.005² ≈ 8,400 iid draws would do it
+    weights = torch.softmax(result.guide.mixture_logits.detach(), 0)
+    order = torch.argsort(weights)
+    assert ((weights[order] - torch.tensor([0.3, 0.7])).abs() < 4 * stderr[order]).all()  # honest errors
+    without = fit(model, schedule=schedule.with_(mode_weight_stderr=None), progress=False)
+    assert without.ess < 0.5 * result.ess
+
+
 def black_box(y):
     """A NumPy likelihood in a pyro.factor: no torch gradient."""
     mu = pyro.sample("mu", dist.Normal(0.0, 3.0))
@@ -121,7 +136,8 @@ def test_rounds_are_typed_and_the_budget_is_kept():
 
 
 @pytest.mark.parametrize("changes, field", [({"budget": 0}, "budget"), ({"defensive": 1.0}, "defensive"),
-                                            ({"starts": "lbfgs"}, "starts"), ({"num_rounds": 0}, "num_rounds")])
+                                            ({"starts": "lbfgs"}, "starts"), ({"num_rounds": 0}, "num_rounds"),
+                                            ({"mode_weight_stderr": 0.0}, "mode_weight_stderr")])
 def test_a_bad_schedule_names_its_field(changes, field):
     with pytest.raises(ValueError, match=f"Schedule.{field}"):
         Schedule(**changes)
