@@ -31,8 +31,8 @@ class Schedule:
 
     :param budget: most model evaluations to spend: likelihood evaluations plus gradient
         evaluations (each point L-BFGS evaluates counts once).
-    :param target_ess: effective draws at β = 1 to stop at (20,000 keeps the fitted mode weights
-        within about 0.005 and the flow's training noise below a 20,000-draw sample's own).
+    :param target_ess: effective draws at β = 1 to stop at (20,000 keeps the flow's training noise
+        below a 20,000-draw sample's own).
     :param mode_weight_stderr: the largest standard error of a mixture weight (a mode's mass, the
         components being on the modes) the stop accepts, from the pooled importance weights; their
         variance falls as 1 / ESS, so a posterior with several comparable modes runs on past
