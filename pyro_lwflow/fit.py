@@ -271,6 +271,7 @@ class _Run:
             latents, log_lik, log_prior = self._draw(proposal, n)
             draws = WeightedDraws(latents, log_lik, log_prior, proposal.log_prob(latents, log_prior))
             self.pool = DrawPool(draws, proposal)
+        self.mode_weight_tolerance = schedule.mode_weight_tolerance(from_optima=self.source == "optima")
         self.last_round_efficiency = self._own_efficiency(0, 1.0)
 
     def _gradient_start(self):
@@ -363,7 +364,7 @@ class _Run:
     def _needed_ess(self, at_one: WeightedDraws) -> float:
         """Effective draws at β = 1 the stop needs: ``target_ess``, or more while a mixture weight's
         standard error exceeds ``Schedule.mode_weight_stderr`` (its variance falls as 1 / ESS)."""
-        tol = self.schedule.mode_weight_tolerance
+        tol = self.mode_weight_tolerance
         if tol is None or self.guide.num_components == 1 or len(at_one) == 0:
             return self.schedule.target_ess
         if not self.trained_once:

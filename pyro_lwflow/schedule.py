@@ -37,7 +37,9 @@ class Schedule:
         components being on the modes) the stop accepts, from the pooled importance weights; their
         variance falls as 1 / ESS, so a posterior with several comparable modes runs on past
         ``target_ess``. ``"auto"``: ``1 / sqrt(8 · target_ess)`` (0.0025 at the default: two equal
-        modes run to twice ``target_ess``); ``None``: ESS alone.
+        modes run to twice ``target_ess``) on the gradient path, ESS alone on the gradient-free one
+        (there each extra effective draw costs 1.5–4 calls; seed 0, 10-D three-mode mixture: 136k →
+        172k calls for a mode-weight error of 0.0035 → 0.0026); ``None``: ESS alone.
     :param round_ess: effective draws each tempered round trains on.
     :param step_ess: how far β may rise after a round drawn from the guide: to where that round's own
         draws keep this share of their ESS (SMC's conditional-ESS rule).
@@ -102,11 +104,11 @@ class Schedule:
         return cls(budget=num_draws, initial_draws=num_draws, max_draws=num_draws, num_steps=num_steps, num_rounds=1,
                    starts="prior")
 
-    @property
-    def mode_weight_tolerance(self) -> float | None:
-        """The largest mixture-weight standard error the stop accepts (``None``: no such rule)."""
+    def mode_weight_tolerance(self, from_optima: bool) -> float | None:
+        """The largest mixture-weight standard error the stop accepts (``None``: no such rule), for a
+        fit whose round 0 drew from gradient optima (``from_optima``) or not."""
         if self.mode_weight_stderr == "auto":
-            return 1.0 / math.sqrt(8.0 * self.target_ess)
+            return 1.0 / math.sqrt(8.0 * self.target_ess) if from_optima else None
         return self.mode_weight_stderr
 
     def with_(self, **changes) -> Schedule:

@@ -106,6 +106,14 @@ def test_the_stop_waits_until_the_mode_weights_are_known():
     assert without.ess < 0.5 * result.ess
 
 
+def test_the_automatic_mode_weight_tolerance_scales_with_the_target_on_the_gradient_path():
+    assert Schedule().mode_weight_tolerance(from_optima=True) == pytest.approx(0.0025)
+    assert Schedule(target_ess=5_000).mode_weight_tolerance(from_optima=True) == pytest.approx(0.005)
+    assert Schedule().mode_weight_tolerance(from_optima=False) is None  # gradient-free: ESS alone
+    assert Schedule(mode_weight_stderr=0.01).mode_weight_tolerance(from_optima=False) == 0.01
+    assert Schedule(mode_weight_stderr=None).mode_weight_tolerance(from_optima=True) is None
+
+
 def black_box(y):
     """A NumPy likelihood in a pyro.factor: no torch gradient."""
     mu = pyro.sample("mu", dist.Normal(0.0, 3.0))
