@@ -218,9 +218,8 @@ def _load_amortized(path, config: dict, state: dict, model: Callable, model_args
         hint = ""
         saved, built = ({k for k in d if k.startswith("embedding.")} for d in (state, guide.state_dict()))
         if saved != built and not config.get("custom_embedding"):
-            hint = (" (it was saved with an earlier default embedding, an MLP alone, which now has the data beside "
-                    "it for data of at most embedding_dim numbers: train it again, or pass that MLP as "
-                    "load(..., embedding=...))")
+            hint = (" (it was saved with an earlier default embedding, an MLP, which data of at most embedding_dim "
+                    "numbers no longer go through: train it again, or pass that MLP as load(..., embedding=...))")
         raise ValueError(f"'{path}' does not fit this model's amortized guide: {err}{hint}") from err
     guide.num_simulations = config.get("num_simulations", 0)
     guide.num_likelihood_evals = config.get("num_likelihood_evals", 0)
