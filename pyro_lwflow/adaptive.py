@@ -121,13 +121,23 @@ class DrawPool:
     def add(self, proposal: Proposal, latents: torch.Tensor, log_likelihood: torch.Tensor, log_prior: torch.Tensor):
         """Pool a new round's draws, evaluating every proposal where it has not been yet."""
         new_cols = proposal.log_prob(self.latents, self.log_prior)  # new proposal at old draws
-        new_rows = torch.stack([p.log_prob(latents, log_prior) for p in [*self.proposals, proposal]], -1)
-        self.log_q = torch.cat([torch.cat([self.log_q, new_cols[:, None]], -1), new_rows])
+        self.log_q = torch.cat([self.log_q, new_cols[:, None]], -1)
+        self.proposals.append(proposal)
+        self._append(latents, log_likelihood, log_prior)
+
+    def extend(self, latents: torch.Tensor, log_likelihood: torch.Tensor, log_prior: torch.Tensor):
+        """Pool more draws from the last proposal (a round drawn in parts), counting them to it."""
+        self.proposals[-1].count += len(latents)
+        self._append(latents, log_likelihood, log_prior)
+
+    def _append(self, latents: torch.Tensor, log_likelihood: torch.Tensor, log_prior: torch.Tensor):
+        """Pool draws from the last proposal, evaluating every proposal at them."""
+        rows = torch.stack([p.log_prob(latents, log_prior) for p in self.proposals], -1)
+        self.log_q = torch.cat([self.log_q, rows])
         self.latents = torch.cat([self.latents, latents])
         self.log_likelihood = torch.cat([self.log_likelihood, log_likelihood])
         self.log_prior = torch.cat([self.log_prior, log_prior])
-        self.source = torch.cat([self.source, torch.full((len(latents),), len(self.proposals), dtype=torch.long)])
-        self.proposals.append(proposal)
+        self.source = torch.cat([self.source, torch.full((len(latents),), len(self.proposals) - 1, dtype=torch.long)])
 
     def own_draws(self, index: int, beta: float = 1.0) -> WeightedDraws:
         """Proposal ``index``'s own draws, weighted against it alone (how well it did)."""

@@ -33,6 +33,7 @@ EMA_DECAY = 0.99  # of the parameter average training leaves behind (see _train)
 HELD_OUT = 0.1  # share of the draws a warm round holds out to stop on
 CHECK_EVERY = 25  # steps between held-out checks
 ROUND_ESS_FACTOR = 2.0  # a tempered round draws this many times round_ess / efficiency, so β can rise
+STOP_CHECKS = 8  # a round at β = 1 is drawn in this many parts, checking the stopping rule after each
 AHEAD_ESS = 300.0  # effective draws the look-ahead part of a tempered proposal is fitted on (see _tempered_proposal)
 
 
@@ -229,11 +230,9 @@ class _Run:
         self.next_proposal = None  # what the next round draws from, when not the guide alone
         self.tempered = False  # whether the last training was at β < 1
         self.summarized_calls, self.summarized_ess = 0, 0.0  # at the last round's summary (calls per ESS gained)
-        dim = guide.latent_dim
+        # the tempered rounds' ESS: not raised to the mode count's needs (``modes.mode_ess``, 11,500 at 20-D);
+        # the modes are counted on the pooled draws once they have that many (see modes.place_components)
         self.round_ess = schedule.round_ess
-        self.needed_ess = schedule.target_ess  # effective draws at β = 1 the stop needs (see _needed_ess)
-        if guide.num_components == "auto":  # enough effective draws to count modes on
-            self.round_ess = max(self.round_ess, min(modes.mode_ess(dim), schedule.target_ess))
         self.bar = tqdm(total=schedule.budget, disable=not progress, unit="call", desc="lwflow fit",
                         bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} calls [{elapsed}{postfix}]")
 
@@ -324,14 +323,29 @@ class _Run:
         return latents, log_lik, log_prior
 
     def draw_from_guide(self) -> None:
-        num = self.next_draws
+        """Draw the planned round from the guide (or the tempered blend). At β = 1 it is drawn in
+        parts and ends as soon as the pooled draws meet the stopping rule: the round's size is
+        planned from the last guide's efficiency, and the guide just trained is usually better."""
         flow = self.next_proposal if self.next_proposal is not None else self.guide.frozen_posterior()
-        proposal = Proposal(flow, self.schedule.defensive, num, self.guide.component_loc.device)
-        self.pool.add(proposal, *self._draw(proposal, num))
+        parts = [self.next_draws]
+        if self.auto and self.beta >= 1.0:
+            size = max(math.ceil(self.next_draws / STOP_CHECKS), 1_000)
+            parts = [min(size, self.next_draws - start) for start in range(0, self.next_draws, size)]
+        proposal = Proposal(flow, self.schedule.defensive, parts[0], self.guide.component_loc.device)
+        self.pool.add(proposal, *self._draw(proposal, parts[0]))
+        for num in parts[1:]:
+            if self._can_stop():
+                break
+            self.pool.extend(*self._draw(proposal, num))
         self.source = "guide"
         self.last_round_efficiency = self.guide_efficiency = self._own_efficiency(len(self.pool.proposals) - 1,
                                                                                   self.beta)
         self.efficiencies.append(self.guide_efficiency)
+
+    def _can_stop(self) -> bool:
+        """Whether the pooled draws at β = 1 meet the stopping rule (ESS, k̂, mode weights)."""
+        at_one = self.pool.draws(1.0)
+        return at_one.ess >= self._needed_ess(at_one) and pareto_k(at_one) < 0.7
 
     def _own_efficiency(self, index: int, beta: float) -> float:
         """ESS per draw of round ``index``'s draws at ``beta``, weighted against their own proposal."""
@@ -357,9 +371,7 @@ class _Run:
         self.beta = beta
         if not self.auto or beta < 1.0:
             return beta, False
-        at_one = self.pool.draws(1.0)
-        self.needed_ess = self._needed_ess(at_one)
-        return beta, at_one.ess >= self.needed_ess and pareto_k(at_one) < 0.7
+        return beta, self._can_stop()
 
     def _needed_ess(self, at_one: WeightedDraws) -> float:
         """Effective draws at β = 1 the stop needs: ``target_ess``, or more while a mixture weight's
@@ -466,8 +478,7 @@ class _Run:
             need = ROUND_ESS_FACTOR * self.round_ess
         else:
             at_one = self.pool.draws(1.0)
-            self.needed_ess = self._needed_ess(at_one)  # with the guide just trained
-            need = max(self.needed_ess - at_one.ess, self.round_ess) * 1.1
+            need = max(self._needed_ess(at_one) - at_one.ess, self.round_ess) * 1.1  # with the guide just trained
         smallest = min(schedule.first_round_draws(self.guide.latent_dim, from_optima=False) // 4, schedule.max_draws)
         num = int(min(max(need / (1 - schedule.defensive) / efficiency, smallest), schedule.max_draws))
         if not self.auto:

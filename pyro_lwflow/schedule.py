@@ -20,7 +20,8 @@ class Schedule:
     ``initial_draws`` from that start; each later round draws from the trained guide (mixed with
     the prior, share ``defensive``), as many as the last round's efficiency says it takes to add
     ``round_ess`` effective draws (between ``initial_draws / 4`` and ``max_draws``), or to reach
-    ``target_ess`` once at β = 1. While the pooled weights are too uneven, the likelihood is
+    ``target_ess`` once at β = 1 (drawn in parts, stopping at the first part that meets the stopping
+    rule). While the pooled weights are too uneven, the likelihood is
     tempered (``L^β``, β the largest keeping ``round_ess`` effective draws in the pool and a share
     ``step_ess`` of the last round's own), and a tempered round draws from the flow blended with
     Student-t mixtures fitted to the draws at β and ahead of it (``explore``), which follow a
@@ -40,7 +41,9 @@ class Schedule:
         modes run to twice ``target_ess``) on the gradient path, ESS alone on the gradient-free one
         (there each extra effective draw costs 1.5–4 calls; seed 0, 10-D three-mode mixture: 136k →
         172k calls for a mode-weight error of 0.0035 → 0.0026); ``None``: ESS alone.
-    :param round_ess: effective draws each tempered round trains on.
+    :param round_ess: effective draws each tempered round trains on (whatever the dimension: the
+        modes are counted on the pooled draws once they hold enough, so the tempered rounds stay
+        small).
     :param step_ess: how far β may rise after a round drawn from the guide: to where that round's own
         draws keep this share of their ESS (SMC's conditional-ESS rule).
     :param explore: share of each tempered round's draws aimed ahead of its β, at where the pooled

@@ -38,6 +38,24 @@ def test_pooled_weights_are_unbiased_for_the_evidence():
     assert draws.ess > 5 * prior_only.ess  # the adapted round carries most of the ESS
 
 
+def test_a_round_drawn_in_parts_weighs_as_one_drawn_at_once():
+    prior = dist.Normal(0.0, 3.0)
+    z0 = prior.sample((2_000, 1))
+    log_prior0 = prior.log_prob(z0[:, 0]).double()
+    first = WeightedDraws(z0, torch.zeros(2_000, dtype=torch.float64), log_prior0, log_prior0.clone())
+    flow = dist.Normal(torch.tensor([1.0]), torch.tensor([0.6])).to_event(1)
+    z1 = flow.sample((3_000,))
+    log_lik1, log_prior1 = dist.Normal(1.0, 0.5).log_prob(z1[:, 0]).double(), prior.log_prob(z1[:, 0]).double()
+    whole, parts = DrawPool(first), DrawPool(first)
+    whole.add(Proposal(flow, 0.1, 3_000), z1, log_lik1, log_prior1)
+    parts.add(Proposal(flow, 0.1, 1_000), z1[:1_000], log_lik1[:1_000], log_prior1[:1_000])
+    parts.extend(z1[1_000:], log_lik1[1_000:], log_prior1[1_000:])
+    assert parts.proposals[-1].count == 3_000 and len(parts) == len(whole) == 5_000
+    assert torch.equal(parts.source, whole.source)
+    assert torch.allclose(parts.draws(0.5).log_weights, whole.draws(0.5).log_weights)
+    assert parts.own_draws(1).ess == pytest.approx(whole.own_draws(1).ess)
+
+
 def test_choose_beta_hits_the_target_ess():
     z, log_lik, log_q = _gaussian_draws(50_000, 0.0, 3.0, 1.0, 0.1)
     draws = WeightedDraws(z, log_lik, log_q, log_q.clone())

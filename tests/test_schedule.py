@@ -213,6 +213,18 @@ def test_each_round_reports_its_calls_per_effective_draw():
     assert all(math.isfinite(r.calls_per_ess) and r.calls_per_ess > 0 for r in result.rounds)
 
 
+def test_a_round_at_beta_one_stops_drawing_once_the_target_is_met():
+    """The last round is sized from the previous guide's efficiency; the one just trained is better,
+    so drawing all of it would overshoot ``target_ess`` (here by 42 %: 14,499 draws, ESS 14,240):
+    it is drawn in parts and stops at the first part that meets the target."""
+    y = torch.tensor([0.5, 1.0, 1.5])
+    schedule = Schedule(num_steps=30, warm_steps=20, target_ess=10_000, round_ess=300, initial_draws=2_000,
+                        starts="prior")
+    result = fit(black_box, y, num_components=1, schedule=schedule, progress=False, seed=0)
+    last = result.rounds[-1]
+    assert last.beta == 1.0 and schedule.target_ess <= last.ess < 1.15 * schedule.target_ess
+
+
 def test_a_hand_made_round_summary_keeps_its_fields_and_prints_unknown_ratios():
     summary = RoundSummary(0, 1.0, 100, 100, 0, 100, 50.0, 0.1, 50.0, 0.5, -1.0, 0.01, 1, 10, 0.1, "prior")
     assert math.isnan(summary.calls_per_ess) and "calls/ΔESS=–" in summary.line()
