@@ -229,6 +229,7 @@ class _Run:
         self.source = "prior"
         self.next_proposal = None  # what the next round draws from, when not the guide alone
         self.tempered = False  # whether the last training was at β < 1
+        self.counted_at_one = False  # whether the modes were counted at β = 1 on enough draws (then kept)
         self.summarized_calls, self.summarized_ess = 0, 0.0  # at the last round's summary (calls per ESS gained)
         # the tempered rounds' ESS: not raised to the mode count's needs (``modes.mode_ess``, 11,500 at 20-D);
         # the modes are counted on the pooled draws once they have that many (see modes.place_components)
@@ -391,7 +392,8 @@ class _Run:
         mode_ess = min(modes.mode_ess(guide.latent_dim), self.schedule.target_ess)
         restart = beta == 1.0 and self.tempered  # the final training starts afresh on the modes
         restarted = modes.place_components(guide, self.pool, beta, seed=(seed or 0) + r, mode_ess=mode_ess,
-                                           restart=restart)
+                                           restart=restart, recount=not self.counted_at_one)
+        self.counted_at_one = self.counted_at_one or (beta == 1.0 and draws.ess >= mode_ess)
         self.tempered = beta < 1.0
         warm = self.trained_once and not restarted
         tempered = beta < 1.0 and not self.one_shot

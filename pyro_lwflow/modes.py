@@ -269,7 +269,7 @@ def mode_ess(dim: int) -> float:
 
 
 def place_components(guide: AutoLWFlow, pool: DrawPool, beta: float, seed: int, mode_ess: float,
-                     restart: bool = False) -> bool:
+                     restart: bool = False, recount: bool = True) -> bool:
     """Start the mixture on the modes of the pooled draws at temperature ``beta`` (a round of fit).
 
     With ``"auto"``, the modes are counted each round on the sharpest draws that still have
@@ -278,12 +278,16 @@ def place_components(guide: AutoLWFlow, pool: DrawPool, beta: float, seed: int, 
     have left the guide's standardised coordinates, or when ``restart`` (a fit that tempered its way
     to β = 1 starts its final training afresh, its components on the posterior's modes, as a fit from
     gradient optima does: a flow warm-started through the tempered posteriors keeps their bridges).
-    Draws with under half of ``mode_ess`` keep the count as it is. Returns whether the flow
+    Draws with under half of ``mode_ess`` keep the count as it is, and so does ``recount=False`` (a
+    count made at β = 1 on ``mode_ess`` effective draws: counting again on as informative a sample
+    only adds BIC's noise, and a changed count restarts the flow). Returns whether the flow
     (re)started from the identity.
     """
     draws = pool.draws(beta)
     k = None
-    if guide.num_components == "auto":
+    if guide.num_components == "auto" and guide.initialized and not recount:
+        k = int(guide.mixture_logits.shape[0])
+    elif guide.num_components == "auto":
         sharp = pool.draws(choose_beta(pool.draws(1.0), mode_ess, floor=beta))
         if sharp.ess >= mode_ess / 2 or not guide.initialized:
             k = count_modes(guide, sharp, seed=seed)

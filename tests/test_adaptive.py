@@ -127,3 +127,6 @@ def test_modes_are_counted_on_sharper_draws_than_the_training_temperature():
     assert count_modes(guide, pool.draws(beta)) == 1
     place_components(guide, pool, beta, seed=0, mode_ess=mode_ess(3))
     assert guide.mixture_logits.shape[0] == 3
+    # a count kept (made at β = 1 on enough draws) stays whatever another count would say
+    place_components(guide, pool, beta, seed=0, mode_ess=mode_ess(3), restart=True, recount=False)
+    assert guide.mixture_logits.shape[0] == 3
