@@ -231,9 +231,7 @@ class _Run:
         self.tempered = False  # whether the last training was at β < 1
         self.counted_at_one = False  # whether the modes were counted at β = 1 on enough draws (then kept)
         self.summarized_calls, self.summarized_ess = 0, 0.0  # at the last round's summary (calls per ESS gained)
-        # the tempered rounds' ESS: not raised to the mode count's needs (``modes.mode_ess``, 11,500 at 20-D);
-        # the modes are counted on the pooled draws once they have that many (see modes.place_components)
-        self.round_ess = schedule.round_ess
+        self.round_ess = schedule.round_ess  # raised to the mode count's needs from gradient optima (see start)
         self.bar = tqdm(total=schedule.budget, disable=not progress, unit="call", desc="lwflow fit",
                         bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} calls [{elapsed}{postfix}]")
 
@@ -272,6 +270,12 @@ class _Run:
             draws = WeightedDraws(latents, log_lik, log_prior, proposal.log_prob(latents, log_prior))
             self.pool = DrawPool(draws, proposal)
         self.mode_weight_tolerance = schedule.mode_weight_tolerance(from_optima=self.source == "optima")
+        if self.source != "prior" and self.guide.num_components == "auto":
+            # from optima (or a given start), enough effective draws to count modes on before training at
+            # β = 1 (a 20-D flow first trained on round 0's 7,000 ends worse); from the prior, tempered
+            # rounds of that size (3,250 at 10-D, 11,500 at 20-D) cost more calls than the count needs,
+            # which waits for the pooled draws to hold that many
+            self.round_ess = max(self.round_ess, min(modes.mode_ess(dim), schedule.target_ess))
         self.last_round_efficiency = self._own_efficiency(0, 1.0)
 
     def _gradient_start(self):
