@@ -350,6 +350,8 @@ class _Run:
     def _can_stop(self) -> bool:
         """Whether the pooled draws at β = 1 meet the stopping rule (ESS, k̂, mode weights)."""
         at_one = self.pool.draws(1.0)
+        if at_one.ess < self.schedule.target_ess:  # the cheap test first: the others evaluate the guide on every draw
+            return False
         return at_one.ess >= self._needed_ess(at_one) and pareto_k(at_one) < 0.7
 
     def _own_efficiency(self, index: int, beta: float) -> float:
@@ -396,10 +398,11 @@ class _Run:
         mode_ess = min(modes.mode_ess(guide.latent_dim), self.schedule.target_ess)
         # the training at β = 1 starts afresh on the modes once the draws there can carry a fresh flow (a 20-D
         # flow restarted on 4,600 effective draws proposes at an efficiency of 0.08); until then it trains warm
-        restart = beta == 1.0 and self.tempered and draws.ess >= mode_ess
+        enough_at_one = beta == 1.0 and draws.ess >= mode_ess
+        restart = self.tempered and enough_at_one
         restarted = modes.place_components(guide, self.pool, beta, seed=(seed or 0) + r, mode_ess=mode_ess,
                                            restart=restart, recount=not self.counted_at_one)
-        self.counted_at_one = self.counted_at_one or (beta == 1.0 and draws.ess >= mode_ess)
+        self.counted_at_one = self.counted_at_one or enough_at_one
         self.tempered = beta < 1.0 or (self.tempered and not restart)
         warm = self.trained_once and not restarted
         tempered = beta < 1.0 and not self.one_shot
