@@ -328,24 +328,34 @@ class _Run:
         return latents, log_lik, log_prior
 
     def draw_from_guide(self) -> None:
-        """Draw the planned round from the guide (or the tempered blend). At β = 1 it is drawn in
-        parts and ends as soon as the pooled draws meet the stopping rule: the round's size is
-        planned from the last guide's efficiency, and the guide just trained is usually better."""
+        """Draw the planned round from the guide (or the tempered blend), in parts, ending at the first
+        part after which the round is done (:meth:`_round_done`): its size is planned from the last
+        guide's efficiency, and the guide just trained is usually better (after a collapsed round, far
+        better)."""
         flow = self.next_proposal if self.next_proposal is not None else self.guide.frozen_posterior()
         parts = [self.next_draws]
-        if self.auto and self.beta >= 1.0:
+        if self.auto:
             size = max(math.ceil(self.next_draws / STOP_CHECKS), 1_000)
             parts = [min(size, self.next_draws - start) for start in range(0, self.next_draws, size)]
         proposal = Proposal(flow, self.schedule.defensive, parts[0], self.guide.component_loc.device)
         self.pool.add(proposal, *self._draw(proposal, parts[0]))
         for num in parts[1:]:
-            if self._can_stop():
+            if self._round_done():
                 break
             self.pool.extend(*self._draw(proposal, num))
         self.source = "guide"
         self.last_round_efficiency = self.guide_efficiency = self._own_efficiency(len(self.pool.proposals) - 1,
                                                                                   self.beta)
         self.efficiencies.append(self.guide_efficiency)
+
+    def _round_done(self) -> bool:
+        """Whether the round drawn so far is enough: at β = 1 the stopping rule holds; below it, the
+        round's own draws hold the effective draws it was planned for (``ROUND_ESS_FACTOR ·
+        round_ess`` at its β)."""
+        if self.beta >= 1.0:
+            return self._can_stop()
+        own = self.pool.own_draws(len(self.pool.proposals) - 1, self.beta)
+        return own.ess >= ROUND_ESS_FACTOR * self.round_ess
 
     def _can_stop(self) -> bool:
         """Whether the pooled draws at β = 1 meet the stopping rule (ESS, k̂, mode weights)."""

@@ -225,6 +225,21 @@ def test_a_round_at_beta_one_stops_drawing_once_the_target_is_met():
     assert last.beta == 1.0 and schedule.target_ess <= last.ess < 1.15 * schedule.target_ess
 
 
+def test_a_tempered_round_stops_drawing_once_it_holds_what_it_was_planned_for():
+    """A tempered round is planned from an assumed efficiency (0.8 after round 0: 8,333 draws for
+    2 · round_ess = 6,000 effective); the guide proposes at 0.91, so drawing all of it overshoots by
+    27 % (own ESS 7,594). Drawn in parts (1,042 each), it stops at the first that reaches 6,000."""
+    y = torch.linspace(0.0, 2.0, 20)
+    schedule = Schedule(num_steps=30, warm_steps=20, round_ess=3_000, initial_draws=8_000, starts="prior",
+                        max_rounds=2)
+    with pytest.warns(UserWarning, match="Stopped at likelihood temperature"):
+        result = fit(black_box, y, num_components=1, schedule=schedule, progress=False, seed=0)
+    tempered = result.rounds[1]
+    own_ess = tempered.efficiency * tempered.num_draws
+    need, part = 2 * schedule.round_ess, math.ceil(8_333 / 8)
+    assert result.rounds[0].beta < 1.0 and need <= own_ess < need + part and tempered.num_draws < 8_333
+
+
 def test_a_hand_made_round_summary_keeps_its_fields_and_prints_unknown_ratios():
     summary = RoundSummary(0, 1.0, 100, 100, 0, 100, 50.0, 0.1, 50.0, 0.5, -1.0, 0.01, 1, 10, 0.1, "prior")
     assert math.isnan(summary.calls_per_ess) and "calls/ΔESS=–" in summary.line()
