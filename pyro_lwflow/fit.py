@@ -348,14 +348,18 @@ class _Run:
                                                                                   self.beta)
         self.efficiencies.append(self.guide_efficiency)
 
+    @property
+    def tempered_round_ess(self) -> float:
+        """Own effective draws a tempered round is planned for (and stops at)."""
+        return ROUND_ESS_FACTOR * self.round_ess
+
     def _round_done(self) -> bool:
         """Whether the round drawn so far is enough: at β = 1 the stopping rule holds; below it, the
-        round's own draws hold the effective draws it was planned for (``ROUND_ESS_FACTOR ·
-        round_ess`` at its β)."""
+        round's own draws at its β hold :attr:`tempered_round_ess`."""
         if self.beta >= 1.0:
             return self._can_stop()
         own = self.pool.own_draws(len(self.pool.proposals) - 1, self.beta)
-        return own.ess >= ROUND_ESS_FACTOR * self.round_ess
+        return own.ess >= self.tempered_round_ess
 
     def _can_stop(self) -> bool:
         """Whether the pooled draws at β = 1 meet the stopping rule (ESS, k̂, mode weights)."""
@@ -496,7 +500,7 @@ class _Run:
             efficiency = max(efficiency, 0.5 * float(usual))
         efficiency = min(max(efficiency, 0.01), 1.0)
         if self.beta < 1.0:
-            need = ROUND_ESS_FACTOR * self.round_ess
+            need = self.tempered_round_ess
         else:
             at_one = self.pool.draws(1.0)
             need = max(self._needed_ess(at_one) - at_one.ess, self.round_ess) * 1.1  # with the guide just trained

@@ -24,10 +24,10 @@ class Schedule:
     it what it was planned for (at β = 1: the stopping rule holds). While the pooled weights are
     too uneven, the likelihood is tempered (``L^β``, β the largest keeping ``round_ess`` effective
     draws in the pool and a share ``step_ess`` of the last round's own), and a tempered round draws
-    from the flow blended with Student-t mixtures fitted to the draws at β and ahead of it (``explore``), which follow a
-    posterior that narrows by orders of magnitude; the number of rounds follows from that, up to
-    ``max_rounds``. The fit stops when the pooled weights at β = 1 have
-    ``target_ess`` effective draws, Pareto k̂ < 0.7 and (a guide with several components) every
+    from the flow blended with Student-t mixtures fitted to the draws at β and ahead of it
+    (``explore``), which follow a posterior that narrows by orders of magnitude; the number of
+    rounds follows from that, up to ``max_rounds``. The fit stops when the pooled weights at β = 1
+    have ``target_ess`` effective draws, Pareto k̂ < 0.7 and (a guide with several components) every
     component's weight known to ``mode_weight_stderr``, or when ``budget`` is spent.
 
     :param budget: most model evaluations to spend: likelihood evaluations plus gradient
