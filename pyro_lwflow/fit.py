@@ -33,7 +33,9 @@ EMA_DECAY = 0.99  # of the parameter average training leaves behind (see _train)
 HELD_OUT = 0.1  # share of the draws a warm round holds out to stop on
 CHECK_EVERY = 25  # steps between held-out checks
 ROUND_ESS_FACTOR = 2.0  # a tempered round draws this many times round_ess / efficiency, so β can rise
-STOP_CHECKS = 8  # a round at β = 1 is drawn in this many parts, checking the stopping rule after each
+FIRST_PART = 1 / 8  # share of its plan a round draws first (at least 1,000 draws; see _Run.draw_from_guide)
+MIN_PART = 250  # fewest draws a later part of a round takes
+COLLAPSED = 0.5  # a tempered round ends early once its draws propose under this share of its planned efficiency
 AHEAD_ESS = 300.0  # effective draws the look-ahead part of a tempered proposal is fitted on (see _tempered_proposal)
 
 
@@ -331,22 +333,44 @@ class _Run:
         """Draw the planned round from the guide (or the tempered blend), in parts, ending at the first
         part after which the round is done (:meth:`_round_done`): its size is planned from the last
         guide's efficiency, and the guide just trained is usually better (after a collapsed round, far
-        better)."""
+        better). Parts are an eighth of the plan (at least 1,000 draws), the last only what the round
+        still lacks at its effective draws per draw so far (at least ``MIN_PART``). A tempered round
+        whose draws so far propose at under ``COLLAPSED`` times the efficiency it was planned for ends
+        early: its proposal missed where the tempered posterior is, and the draws that found it are
+        worth more to the next training than the rest of the plan."""
         flow = self.next_proposal if self.next_proposal is not None else self.guide.frozen_posterior()
-        parts = [self.next_draws]
-        if self.auto:
-            size = max(math.ceil(self.next_draws / STOP_CHECKS), 1_000)
-            parts = [min(size, self.next_draws - start) for start in range(0, self.next_draws, size)]
-        proposal = Proposal(flow, self.schedule.defensive, parts[0], self.guide.component_loc.device)
-        self.pool.add(proposal, *self._draw(proposal, parts[0]))
-        for num in parts[1:]:
-            if self._round_done():
-                break
-            self.pool.extend(*self._draw(proposal, num))
+        planned = self.next_draws
+        step = min(max(math.ceil(planned * FIRST_PART), 1_000), planned) if self.auto else planned
+        before = self._round_ess() if self.beta >= 1.0 else 0.0
+        proposal = Proposal(flow, self.schedule.defensive, step, self.guide.component_loc.device)
+        self.pool.add(proposal, *self._draw(proposal, step))
+        drawn = step
+        while drawn < planned and not self._round_done():
+            have = self._round_ess()
+            rate, short = (have - before) / drawn, self._round_need() - have
+            if self.beta < 1.0 and rate < COLLAPSED * self.tempered_round_ess / planned:
+                break  # it proposes far below the plan: retrain on what its draws found rather than draw on
+            part = math.ceil(short / rate) if rate > 0 and short > 0 else step
+            part = min(max(part, MIN_PART), step, planned - drawn)
+            self.pool.extend(*self._draw(proposal, part))
+            drawn += part
         self.source = "guide"
         self.last_round_efficiency = self.guide_efficiency = self._own_efficiency(len(self.pool.proposals) - 1,
                                                                                   self.beta)
         self.efficiencies.append(self.guide_efficiency)
+
+    def _round_ess(self) -> float:
+        """What a round's parts add to: at β = 1 the pooled effective draws; below it, the round's own
+        at its β."""
+        if self.beta >= 1.0:
+            return float(self.pool.draws(1.0).ess)
+        return float(self.pool.own_draws(len(self.pool.proposals) - 1, self.beta).ess)
+
+    def _round_need(self) -> float:
+        """The :meth:`_round_ess` at which the round is done (at β = 1, if k̂ allows)."""
+        if self.beta >= 1.0:
+            return self._needed_ess(self.pool.draws(1.0))
+        return self.tempered_round_ess
 
     @property
     def tempered_round_ess(self) -> float:
@@ -358,8 +382,7 @@ class _Run:
         round's own draws at its β hold :attr:`tempered_round_ess`."""
         if self.beta >= 1.0:
             return self._can_stop()
-        own = self.pool.own_draws(len(self.pool.proposals) - 1, self.beta)
-        return own.ess >= self.tempered_round_ess
+        return self._round_ess() >= self.tempered_round_ess
 
     def _can_stop(self) -> bool:
         """Whether the pooled draws at β = 1 meet the stopping rule (ESS, k̂, mode weights)."""

@@ -20,8 +20,9 @@ class Schedule:
     ``initial_draws`` from that start; each later round draws from the trained guide (mixed with
     the prior, share ``defensive``), as many as the last round's efficiency says it takes to add
     ``round_ess`` effective draws (between ``initial_draws / 4`` and ``max_draws``), or to reach
-    ``target_ess`` once at β = 1; a round is drawn in parts and stops at the first part that gives
-    it what it was planned for (at β = 1: the stopping rule holds). While the pooled weights are
+    ``target_ess`` once at β = 1; a round is drawn in parts and stops once it has what it was planned
+    for (at β = 1: the stopping rule holds), or, tempered, once its draws say its proposal missed the
+    tempered posterior (then the guide retrains on what they found). While the pooled weights are
     too uneven, the likelihood is tempered (``L^β``, β the largest keeping ``round_ess`` effective
     draws in the pool and a share ``step_ess`` of the last round's own), and a tempered round draws
     from the flow blended with Student-t mixtures fitted to the draws at β and ahead of it

@@ -11,6 +11,8 @@ import torch
 
 from pyro_lwflow import AutoLWFlow, RoundSummary, Schedule, WeightedDraws, fit
 from pyro_lwflow.adapter import PriorAdapter
+from pyro_lwflow.fit import MIN_PART, _Run
+from pyro_lwflow.loss import LikelihoodWeightedKL
 from pyro_lwflow.metrics import mode_weight_error
 from pyro_lwflow.starts import find_optima, is_differentiable
 
@@ -228,7 +230,9 @@ def test_a_round_at_beta_one_stops_drawing_once_the_target_is_met():
 def test_a_tempered_round_stops_drawing_once_it_holds_what_it_was_planned_for():
     """A tempered round is planned from an assumed efficiency (0.8 after round 0: 8,333 draws for
     2 · round_ess = 6,000 effective); the guide proposes at 0.91, so drawing all of it overshoots by
-    27 % (own ESS 7,594). Drawn in parts (1,042 each), it stops at the first that reaches 6,000."""
+    27 % (own ESS 7,594), and parts of 1,042 draws by up to one part (6,629). Its first part (1,042)
+    measures the efficiency, the next draws what that says is missing, so it ends within one
+    ``MIN_PART`` of 6,000."""
     y = torch.linspace(0.0, 2.0, 20)
     schedule = Schedule(num_steps=30, warm_steps=20, round_ess=3_000, initial_draws=8_000, starts="prior",
                         max_rounds=2)
@@ -236,8 +240,30 @@ def test_a_tempered_round_stops_drawing_once_it_holds_what_it_was_planned_for():
         result = fit(black_box, y, num_components=1, schedule=schedule, progress=False, seed=0)
     tempered = result.rounds[1]
     own_ess = tempered.efficiency * tempered.num_draws
-    need, part = 2 * schedule.round_ess, math.ceil(8_333 / 8)
-    assert result.rounds[0].beta < 1.0 and need <= own_ess < need + part and tempered.num_draws < 8_333
+    need = 2 * schedule.round_ess
+    assert result.rounds[0].beta < 1.0 and need <= own_ess < need + MIN_PART and tempered.num_draws < 8_333
+
+
+def test_a_tempered_round_whose_proposal_missed_ends_after_its_first_part():
+    """Black box, y ~ N(mu, 1) with 20 points: at β = 0.5 the tempered posterior is N(1, 0.32²).
+    A round planned for 8,000 draws from a proposal there draws until it holds 2 · round_ess; from
+    one at mu = 3 (6 sds off: 15 effective draws in 1,000, its defensive prior draws) it stops after
+    its first 1,000 draws (without the early end it draws all 8,000)."""
+    y = torch.linspace(0.0, 2.0, 20)
+    schedule = Schedule(round_ess=1_000, initial_draws=2_000, starts="prior")
+    guide = AutoLWFlow(black_box, num_components=1)
+    guide.setup(y)
+    loss = LikelihoodWeightedKL(progress=False)
+    drawn = {}
+    for centre in (1.0, 3.0):
+        pyro.set_rng_seed(0)
+        run = _Run(schedule, loss.make_adapter(black_box, guide.prototype_trace, (y,), {}), guide, loss, False)
+        run.start(min_ess=0.0)
+        run.beta, run.next_draws = 0.5, 8_000
+        run.next_proposal = dist.Normal(torch.tensor([centre]), 0.32).to_event(1)
+        run.draw_from_guide()
+        drawn[centre] = run.pool.proposals[-1].count
+    assert 2 * schedule.round_ess / 0.9 < drawn[1.0] < 8_000 and drawn[3.0] == 1_000
 
 
 def test_a_hand_made_round_summary_keeps_its_fields_and_prints_unknown_ratios():
