@@ -86,7 +86,13 @@ def conditional_realnvp(dim: int, context_dim: int, num_transforms: int = 6, hid
 
 class ConditionalMixture(nn.Module, ConditionalDistribution):
     """A mixture of ``K`` diagonal Gaussians in ``R^D`` whose weights, locations and scales are
-    affine functions of the context: ``condition(c)`` is a :class:`~pyro.distributions.MixtureSameFamily`.
+    functions of the context: an affine map plus an MLP (``hidden_dims``) whose last layer starts at
+    zero. ``condition(c)`` is a :class:`~pyro.distributions.MixtureSameFamily`.
+
+    The MLP lets a mode's weight switch off where the prior box cuts the mode away: with the data
+    themselves as the context (a small data set's default embedding), the affine map alone left the
+    mode weights of the paper's three-mode 2-D target, amortized, off by 0.135, with 2.7× the truth's
+    bridge mass (0.033 and 1.2× with an MLP embedding in front).
 
     The locations start at ``init_locs`` (``(K, D)``, e.g. spread over the prior by k-means++) and the
     context's influence starts small, so each component starts in its own region and moves with
@@ -95,13 +101,20 @@ class ConditionalMixture(nn.Module, ConditionalDistribution):
     :param context_dim: size ``C`` of the context.
     :param init_locs: ``(K, D)`` starting locations.
     :param init_scale: starting scale of every component.
+    :param hidden_dims: hidden layer widths of the MLP.
     """
 
-    def __init__(self, context_dim: int, init_locs: torch.Tensor, init_scale: float = 0.5) -> None:
+    def __init__(self, context_dim: int, init_locs: torch.Tensor, init_scale: float = 0.5,
+                 hidden_dims: Sequence[int] = (64, 64)) -> None:
         super().__init__()
         k, d = init_locs.shape
         self.num_components, self.dim = k, d
         self.head = nn.Linear(context_dim, k * (1 + 2 * d))
+        widths = [context_dim, *hidden_dims]
+        layers = [m for a, b in zip(widths, widths[1:], strict=False) for m in (nn.Linear(a, b), nn.ReLU())]
+        self.mlp = nn.Sequential(*layers, nn.Linear(widths[-1], k * (1 + 2 * d)))
+        nn.init.zeros_(self.mlp[-1].weight)
+        nn.init.zeros_(self.mlp[-1].bias)
         with torch.no_grad():
             self.head.weight.mul_(0.1)
             bias = torch.zeros(k, 1 + 2 * d)
@@ -111,7 +124,7 @@ class ConditionalMixture(nn.Module, ConditionalDistribution):
 
     def parameters_at(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(logits (*batch, K), locs (*batch, K, D), scales (*batch, K, D))`` at a context ``(*batch, C)``."""
-        out = self.head(context).unflatten(-1, (self.num_components, 1 + 2 * self.dim))
+        out = (self.head(context) + self.mlp(context)).unflatten(-1, (self.num_components, 1 + 2 * self.dim))
         logits, locs, raw = out[..., 0], out[..., 1 : 1 + self.dim], out[..., 1 + self.dim :]
         return logits, locs, nn.functional.softplus(raw) + MIN_SCALE
 

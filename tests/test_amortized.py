@@ -9,6 +9,7 @@ import torch
 
 from pyro_lwflow import AmortizedLWFlow, Schedule, amortize, calibrate
 from pyro_lwflow.calibration import coverage_curve, sbc_ranks
+from pyro_lwflow.conditional import ConditionalMixture
 from tests import contract_models
 
 PRIOR_SD, NOISE, N = 2.0, 0.5, 10
@@ -194,6 +195,26 @@ def test_save_and_load_give_back_the_same_amortized_posterior(amortized, tmp_pat
     after = loaded.condition(y).sample(100)["mu"]
     assert torch.equal(before, after)
     assert loaded.num_simulations == amortized.num_simulations and loaded.val_losses == amortized.val_losses
+
+
+def test_the_base_can_switch_a_mode_off_on_both_sides_of_the_data():
+    """A mode the prior box cuts away for large |x| on either side: its weight is not monotone in x,
+    which weights affine in the context cannot follow (a two-component softmax of affine logits is
+    monotone: with the MLP frozen, this fit ends at 0.50 everywhere); the base's MLP can."""
+    torch.manual_seed(0)
+    c = torch.linspace(-2.0, 2.0, 201)[:, None]
+    wanted = torch.where(c.abs().squeeze(-1) > 1.0, 0.1, 0.9)  # weight of component 0
+    base = ConditionalMixture(1, torch.tensor([[-1.0], [1.0]]))
+    optim = torch.optim.Adam(base.parameters(), lr=0.01)
+    for _ in range(500):
+        optim.zero_grad()
+        log_w = torch.log_softmax(base.parameters_at(c)[0], -1)
+        loss = -(wanted * log_w[:, 0] + (1 - wanted) * log_w[:, 1]).mean()
+        loss.backward()
+        optim.step()
+    got = torch.softmax(base.parameters_at(c)[0], -1)[:, 0].detach()
+    inside, outside = c.abs().squeeze(-1) < 0.8, c.abs().squeeze(-1) > 1.2
+    assert got[inside].min() > 0.8 and got[outside].max() < 0.2
 
 
 def test_the_default_embedding_passes_a_few_numbers_as_they_are_and_compresses_many():
