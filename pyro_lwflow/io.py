@@ -212,6 +212,9 @@ def _load_amortized(path, config: dict, state: dict, model: Callable, model_args
     sites = {s.name: list(s.shape) for s in guide.layout}
     if config["sites"] != sites:
         raise ValueError(f"'{path}' was saved for latent sites {config['sites']}, but this model has {sites}")
+    # a file saved before the base had its MLP: the new guide's MLP ends in a zero layer, which is the
+    # affine base the file was trained with
+    state = {**{k: v for k, v in guide.state_dict().items() if k.startswith("base.mlp.")}, **state}
     try:
         guide.load_state_dict(state, strict=True)
     except (RuntimeError, KeyError) as err:

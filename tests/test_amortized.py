@@ -217,6 +217,20 @@ def test_the_base_can_switch_a_mode_off_on_both_sides_of_the_data():
     assert got[inside].min() > 0.8 and got[outside].max() < 0.2
 
 
+def test_a_guide_saved_before_the_base_had_its_mlp_loads_as_the_affine_base(amortized, tmp_path):
+    from pyro_lwflow import load, save
+
+    path = tmp_path / "old.lwflow"
+    save(amortized, path)
+    payload = torch.load(path, weights_only=True)
+    payload["state_dict"] = {k: v for k, v in payload["state_dict"].items() if not k.startswith("base.mlp.")}
+    torch.save(payload, path)
+    old = load(path, normal_mean)
+    c = torch.randn(5, old.base.head.in_features)
+    assert torch.equal(old.base.mlp(c), torch.zeros(5, old.base.head.out_features))
+    assert torch.equal(old.base.head.weight, amortized.base.head.weight)
+
+
 def test_the_default_embedding_passes_a_few_numbers_as_they_are_and_compresses_many():
     few = AmortizedLWFlow(normal_mean)  # 10 numbers: the standardised data are the context
     assert not list(few.embedding.parameters())
