@@ -19,7 +19,7 @@ import pyro.distributions as dist
 import torch
 from pyro.distributions import ConditionalDistribution, ConditionalTransformedDistribution
 from pyro.distributions.transforms import ConditionalAffineCoupling
-from pyro.nn import ConditionalDenseNN
+from pyro.nn import ConditionalDenseNN, DenseNN
 from torch import nn
 
 from .flows import coupling_layers
@@ -110,11 +110,9 @@ class ConditionalMixture(nn.Module, ConditionalDistribution):
         k, d = init_locs.shape
         self.num_components, self.dim = k, d
         self.head = nn.Linear(context_dim, k * (1 + 2 * d))
-        widths = [context_dim, *hidden_dims]
-        layers = [m for a, b in zip(widths, widths[1:], strict=False) for m in (nn.Linear(a, b), nn.ReLU())]
-        self.mlp = nn.Sequential(*layers, nn.Linear(widths[-1], k * (1 + 2 * d)))
-        nn.init.zeros_(self.mlp[-1].weight)
-        nn.init.zeros_(self.mlp[-1].bias)
+        self.mlp = DenseNN(context_dim, list(hidden_dims), param_dims=[k * (1 + 2 * d)])
+        nn.init.zeros_(self.mlp.layers[-1].weight)
+        nn.init.zeros_(self.mlp.layers[-1].bias)
         with torch.no_grad():
             self.head.weight.mul_(0.1)
             bias = torch.zeros(k, 1 + 2 * d)
