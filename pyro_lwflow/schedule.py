@@ -47,7 +47,7 @@ class Schedule:
         modes are counted on the pooled draws once they hold enough, so the tempered rounds stay
         small). A start from gradient optima raises it to what the mode count needs. Without
         gradients 1,500 spends fewer calls than 2,000 (one machine: the 10-D three-mode mixture, fit
-        seeds 0–4, 87,394 against 95,667 on average at the same W1 and mode weights; the 20-D one,
+        seeds 0–5, 86,899 against 95,143 on average at the same W1 and mode weights; the 20-D one,
         seed 0, 194,072 against 292,990; the 7-D regression 147,336 / 148,479 against 148,384 /
         161,574 at seeds 0 / 1); 1,000 fewer still on the regression (125,231) but it lost the
         10-D mixture's mode weights (errors 0.011 and 0.015 at 2 of 3 seeds).
