@@ -12,6 +12,8 @@ train on those same simulations:
 - ``lwflow``: ``pyro_lwflow.amortize(model, simulations=(theta, x), seed=seed)``, then per
   observation ``.condition(x_o).sample(n)`` (amortized draws) and ``.check(x_o, num_draws=n)``
   (draws importance-weighted by the model's likelihood, PSIS-resampled: corrected draws).
+- ``lwflow-x2`` (only when asked for): the same with ``amortize(..., ensemble=2)``, two members trained
+  side by side on the same simulations, their equal mixture the answer.
 
 Each is scored on sbibm's 10 observations by C2ST (``sbibm.metrics.c2st``; 0.5 = indistinguishable)
 of 10,000 draws against the 10,000 reference posterior draws. Columns: mean C2ST over the
@@ -41,6 +43,7 @@ for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):  # o
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
 import datetime  # noqa: E402
+import functools  # noqa: E402
 import importlib.metadata  # noqa: E402
 import io  # noqa: E402
 import json  # noqa: E402
@@ -67,7 +70,8 @@ from machine import cpu_name, git_commit  # noqa: E402
 from pyro_lwflow.models import sbi_tasks  # noqa: E402
 
 TASKS = ("two_moons", "slcp", "gaussian_linear")
-METHODS = ("lwflow", "sbi")
+METHODS = ("lwflow", "lwflow-x2", "sbi")
+DEFAULT_METHODS = ("lwflow", "sbi")
 SIMS = (10_000, 100_000)
 NUM_DRAWS = 10_000
 OBSERVATIONS = tuple(range(1, 11))
@@ -169,14 +173,15 @@ def _num(v) -> float | None:
     return float(v.item() if isinstance(v, torch.Tensor) else v)
 
 
-def run_lwflow(task: str, theta, x, ref: Reference, observations, draws: int, seed: int, quick: bool = False) -> dict:
+def run_lwflow(task: str, theta, x, ref: Reference, observations, draws: int, seed: int, quick: bool = False,
+               ensemble: int = 1) -> dict:
     from pyro_lwflow import amortize, calibrate
 
     model = sbi_tasks.MODELS[task]
     start = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        amortized = amortize(model, simulations=(theta, x), seed=seed, progress=False)
+        amortized = amortize(model, simulations=(theta, x), seed=seed, progress=False, ensemble=ensemble)
     train_s = time.perf_counter() - start
     calibration = calibrate(amortized, num_simulations=1_000, num_draws=99, seed=seed)
     per_obs = []
@@ -221,7 +226,7 @@ def run_lwflow(task: str, theta, x, ref: Reference, observations, draws: int, se
     }
 
 
-RUNNERS = {"lwflow": run_lwflow, "sbi": run_sbi}
+RUNNERS = {"lwflow": run_lwflow, "lwflow-x2": functools.partial(run_lwflow, ensemble=2), "sbi": run_sbi}
 
 
 # -- output ---------------------------------------------------------------------------------------
@@ -312,8 +317,8 @@ def _paired(rows: list[dict]) -> list[str]:
             groups.setdefault((r["task"], r["sims"]), []).append(r)
     out = ["", "## On the same observations", "",
            "Each method's mean C2ST over the observations that every method of the task and budget scored.", "",
-           "| task | sims | observations | " + " | ".join(METHODS) + " | lwflow corrected |",
-           "|---|---:|---|" + "---:|" * (len(METHODS) + 1)]
+           "| task | sims | observations | " + " | ".join(METHODS) + " | lwflow corrected | lwflow-x2 corrected |",
+           "|---|---:|---|" + "---:|" * (len(METHODS) + 2)]
     for (task, sims), group in groups.items():
         if len(group) < 2:
             continue
@@ -324,10 +329,11 @@ def _paired(rows: list[dict]) -> list[str]:
             r = by_method.get(method)
             values = [o["c2st"] for o in r["per_observation"] if o["observation"] in shared] if r else []
             cells.append(_fmt(statistics.fmean(values)) if values else "–")
-        lw = by_method.get("lwflow")
-        corrected = [o["c2st_corrected"] for o in lw["per_observation"] if o["observation"] in shared] if lw else []
-        out.append(f"| {task} | {sims:,} | {', '.join(map(str, sorted(shared)))} | " + " | ".join(cells)
-                   + f" | {_fmt(statistics.fmean(corrected)) if corrected else '–'} |")
+        for method in ("lwflow", "lwflow-x2"):
+            lw = by_method.get(method)
+            corrected = [o["c2st_corrected"] for o in lw["per_observation"] if o["observation"] in shared] if lw else []
+            cells.append(_fmt(statistics.fmean(corrected)) if corrected else "–")
+        out.append(f"| {task} | {sims:,} | {', '.join(map(str, sorted(shared)))} | " + " | ".join(cells) + " |")
     return out
 
 
@@ -358,7 +364,7 @@ def _print_row(r: dict) -> None:
         print(f"{r['task']:>16} {r['sims']:>8,} {r['method']:>7}  error: {r['error']}", flush=True)
         return
     extra = ""
-    if r["method"] == "lwflow":
+    if r["method"].startswith("lwflow"):
         extra = (f"  corrected {_fmt(r['c2st_corrected'])}  evals/obs {r['likelihood_evals_per_observation']:,.0f}"
                  f"  eff {_fmt(r['median_efficiency'], '{:.2f}')}")
     print(f"{r['task']:>16} {r['sims']:>8,} {r['method']:>7}  C2ST {r['c2st']:.3f}{extra}  train {r['train_s']:.0f} s"
@@ -370,7 +376,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", nargs="*", choices=TASKS, default=None, help="default: all three")
     parser.add_argument("--sims", nargs="*", type=int, default=None, help="simulation budgets (default 10000 100000)")
-    parser.add_argument("--methods", nargs="*", choices=METHODS, default=list(METHODS))
+    parser.add_argument("--methods", nargs="*", choices=METHODS, default=list(DEFAULT_METHODS),
+                        help="default: lwflow sbi (lwflow-x2: an ensemble of two, amortize(..., ensemble=2))")
     parser.add_argument("--observations", nargs="*", type=int, default=None, help="sbibm observations (default 1..10)")
     parser.add_argument("--draws", type=int, default=None,
                         help=f"posterior draws per observation (default {NUM_DRAWS:,})")

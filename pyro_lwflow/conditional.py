@@ -13,6 +13,7 @@ Shapes (Pyro's conditional-distribution convention): ``condition(c)`` with ``c``
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import pyro.distributions as dist
@@ -25,7 +26,8 @@ from torch import nn
 from .flows import coupling_layers
 
 __all__ = [
-    "BoundedConditionalHypernet", "ConditionalMixture", "ConditionalRealNVP", "conditional_flow", "conditional_realnvp",
+    "BoundedConditionalHypernet", "ConditionalMixture", "ConditionalRealNVP", "EqualMixture", "conditional_flow",
+    "conditional_realnvp",
 ]
 
 MIN_SCALE = 1e-3  # smallest component scale (standardised units)
@@ -136,3 +138,31 @@ def conditional_flow(base: ConditionalMixture, couplings: ConditionalRealNVP,
     """The conditional distribution ``q(z | c)``: ``base``, then ``couplings``, then the fixed maps
     (standardisation, box coordinates) to Pyro's packed unconstrained latents."""
     return ConditionalTransformedDistribution(base, couplings.parts + list(fixed))
+
+
+class EqualMixture(torch.distributions.Distribution):
+    """The equal-weight mixture ``(1/M) Σ_m q_m`` of ``M`` distributions with the same batch and
+    event shapes (an ensemble's answer). ``sample`` draws every member and keeps one per draw, so it
+    costs ``M`` members' draws."""
+
+    arg_constraints: dict = {}
+
+    def __init__(self, members: Sequence[torch.distributions.Distribution]) -> None:
+        self.members = list(members)
+        first = self.members[0]
+        super().__init__(first.batch_shape, first.event_shape, validate_args=False)
+
+    @property
+    def support(self):
+        return self.members[0].support
+
+    @torch.no_grad()
+    def sample(self, sample_shape=()) -> torch.Tensor:
+        draws = torch.stack([m.sample(sample_shape) for m in self.members])  # (M, *sample, *batch, *event)
+        pick = torch.randint(len(self.members), draws.shape[1 : draws.dim() - len(self.event_shape)])
+        pick = pick.reshape((1, *pick.shape) + (1,) * len(self.event_shape)).expand((1, *draws.shape[1:]))
+        return draws.gather(0, pick).squeeze(0)
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        log_q = torch.stack([m.log_prob(value) for m in self.members])
+        return torch.logsumexp(log_q, 0) - math.log(len(self.members))

@@ -207,6 +207,7 @@ def _load_amortized(path, config: dict, state: dict, model: Callable, model_args
                          "as load(..., embedding=...); its weights come from the file")
     settings = {k: config[k] for k in ("num_components", "num_transforms", "hidden_dims", "log_scale_bound",
                                        "embedding_dim", "box_margin")}
+    settings["ensemble"] = config.get("ensemble", 1)
     with torch.random.fork_rng(devices=[]):  # set-up draws initial values; leave the user's RNG alone
         guide = AmortizedLWFlow(model, *model_args, model_kwargs=model_kwargs, embedding=embedding, **settings)
     sites = {s.name: list(s.shape) for s in guide.layout}

@@ -287,3 +287,49 @@ def test_one_seed_one_simulation_set_whatever_the_executor():
     for other in (threads, processes):
         assert torch.equal(inline[0], other[0]) and torch.equal(inline[1], other[1])
     assert not torch.equal(inline[1], guide.simulate(2_500, seed=12, chunk_size=1_000)[1])
+
+
+def test_equal_mixture_samples_and_scores_each_member_at_half_weight():
+    from pyro_lwflow.conditional import EqualMixture
+
+    members = [dist.Normal(torch.tensor([-3.0, 0.0]), 1.0).to_event(1), dist.Normal(torch.tensor([3.0, 1.0]), 0.5)
+               .to_event(1)]
+    mixture = EqualMixture(members)
+    torch.manual_seed(0)
+    draws = mixture.sample((20_000,))
+    assert draws.shape == (20_000, 2)
+    assert abs(float((draws[:, 0] > 0).float().mean()) - 0.5) < 0.02
+    points = torch.randn(7, 2) * 3
+    expected = torch.log((members[0].log_prob(points).exp() + members[1].log_prob(points).exp()) / 2)
+    assert torch.allclose(mixture.log_prob(points), expected, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_an_ensemble_answers_with_its_members_equal_mixture(tmp_path):
+    from pyro_lwflow import load, save
+
+    ensemble = amortize(normal_mean, num_simulations=4_000, num_components=1, max_epochs=60, patience=10, seed=0,
+                        ensemble=2, progress=False)
+    assert len(ensemble.members()) == 2
+    ys = data_sets()
+    flat = ensemble.data_layout.flatten(ensemble.data_layout.as_batch(ys)[0])
+    z = torch.randn(50, 3, 1)
+    each = torch.stack([d.log_prob(z) for d in ensemble._member_dists(flat)])
+    assert not torch.allclose(each[0], each[1])  # two members, trained apart
+    assert torch.allclose(ensemble.latent_dist(flat).log_prob(z), torch.logsumexp(each, 0) - math.log(2))
+    draws = ensemble.condition(ys).sample(20_000)["mu"]
+    for j, (y, check) in enumerate(zip(ys, ensemble.check(ys, num_draws=5_000, seed=1), strict=True)):
+        mean, sd, log_z = exact(y)
+        assert abs(float(draws[:, j].mean()) - mean) < 0.25 * sd
+        assert 0.8 < float(draws[:, j].std()) / sd < 1.2
+        assert check.efficiency > 0.5 and check.ok
+        assert abs(check.log_evidence - log_z) < 4 * check.log_evidence_stderr + 1e-3
+    save(ensemble, tmp_path / "ensemble.lwflow")
+    loaded = load(tmp_path / "ensemble.lwflow", normal_mean)
+    assert len(loaded.members()) == 2
+    assert torch.allclose(loaded.latent_dist(flat).log_prob(z), ensemble.latent_dist(flat).log_prob(z))
+
+
+def test_ensemble_must_be_a_positive_count():
+    with pytest.raises(ValueError, match="ensemble must be a positive integer"):
+        AmortizedLWFlow(normal_mean, ensemble=0)
