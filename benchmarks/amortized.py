@@ -12,8 +12,8 @@ train on those same simulations:
 - ``lwflow``: ``pyro_lwflow.amortize(model, simulations=(theta, x), seed=seed)``, then per
   observation ``.condition(x_o).sample(n)`` (amortized draws) and ``.check(x_o, num_draws=n)``
   (draws importance-weighted by the model's likelihood, PSIS-resampled: corrected draws).
-- ``lwflow-x2`` (only when asked for): the same with ``amortize(..., ensemble=2)``, two members trained
-  side by side on the same simulations, their equal mixture the answer.
+- ``lwflow-x2``, ``lwflow-x3`` (only when asked for): the same with ``amortize(..., ensemble=2)`` (or 3),
+  members trained side by side on the same simulations, their equal mixture the answer.
 
 Each is scored on sbibm's 10 observations by C2ST (``sbibm.metrics.c2st``; 0.5 = indistinguishable)
 of 10,000 draws against the 10,000 reference posterior draws. Columns: mean C2ST over the
@@ -70,8 +70,9 @@ from machine import cpu_name, git_commit  # noqa: E402
 from pyro_lwflow.models import sbi_tasks  # noqa: E402
 
 TASKS = ("two_moons", "slcp", "gaussian_linear")
-METHODS = ("lwflow", "lwflow-x2", "sbi")
+METHODS = ("lwflow", "lwflow-x2", "lwflow-x3", "sbi")
 DEFAULT_METHODS = ("lwflow", "sbi")
+LWFLOW_METHODS = tuple(m for m in METHODS if m.startswith("lwflow"))
 SIMS = (10_000, 100_000)
 NUM_DRAWS = 10_000
 OBSERVATIONS = tuple(range(1, 11))
@@ -226,7 +227,8 @@ def run_lwflow(task: str, theta, x, ref: Reference, observations, draws: int, se
     }
 
 
-RUNNERS = {"lwflow": run_lwflow, "lwflow-x2": functools.partial(run_lwflow, ensemble=2), "sbi": run_sbi}
+RUNNERS = {"lwflow": run_lwflow, "lwflow-x2": functools.partial(run_lwflow, ensemble=2),
+           "lwflow-x3": functools.partial(run_lwflow, ensemble=3), "sbi": run_sbi}
 
 
 # -- output ---------------------------------------------------------------------------------------
@@ -277,6 +279,8 @@ def _markdown(data: dict) -> str:
         "*eff.*: median ESS / draws over the observations; *ms/obs*: a new observation's 10,000 draws;",
         "*SBC p*: the smallest per-coordinate χ² p-value of rank uniformity over 1,000 held-out simulations",
         "(99 draws each), *cov. err.*: the largest gap between expected coverage and the credible level.",
+        "*lwflow-x2*, *lwflow-x3*: `amortize(..., ensemble=2)` (or 3), members trained side by side on the same",
+        "simulations, their equal mixture the answer.",
         "",
         "| task | sims | method | C2ST | C2ST corrected | kept | evals/obs | eff. | SBC p | cov. err. | train s "
         "| ms/obs | obs | run |",
@@ -312,24 +316,28 @@ def _markdown(data: dict) -> str:
 def _paired(rows: list[dict]) -> list[str]:
     """Mean C2ST of each method over the observations every method of a task × budget scored."""
     groups: dict = {}
+    present = {r["method"] for r in rows if not r.get("error")}
+    methods = [m for m in METHODS if m in present]
+    lwflows = [m for m in methods if m in LWFLOW_METHODS]
     for r in rows:
         if not r.get("error"):
             groups.setdefault((r["task"], r["sims"]), []).append(r)
     out = ["", "## On the same observations", "",
            "Each method's mean C2ST over the observations that every method of the task and budget scored.", "",
-           "| task | sims | observations | " + " | ".join(METHODS) + " | lwflow corrected | lwflow-x2 corrected |",
-           "|---|---:|---|" + "---:|" * (len(METHODS) + 2)]
+           "| task | sims | observations | " + " | ".join(methods) + " | "
+           + " | ".join(f"{m} corrected" for m in lwflows) + " |",
+           "|---|---:|---|" + "---:|" * (len(methods) + len(lwflows))]
     for (task, sims), group in groups.items():
         if len(group) < 2:
             continue
         shared = set.intersection(*({o["observation"] for o in r["per_observation"]} for r in group))
         by_method = {r["method"]: r for r in group}
         cells = []
-        for method in METHODS:
+        for method in methods:
             r = by_method.get(method)
             values = [o["c2st"] for o in r["per_observation"] if o["observation"] in shared] if r else []
             cells.append(_fmt(statistics.fmean(values)) if values else "–")
-        for method in ("lwflow", "lwflow-x2"):
+        for method in lwflows:
             lw = by_method.get(method)
             corrected = [o["c2st_corrected"] for o in lw["per_observation"] if o["observation"] in shared] if lw else []
             cells.append(_fmt(statistics.fmean(corrected)) if corrected else "–")
@@ -377,7 +385,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tasks", nargs="*", choices=TASKS, default=None, help="default: all three")
     parser.add_argument("--sims", nargs="*", type=int, default=None, help="simulation budgets (default 10000 100000)")
     parser.add_argument("--methods", nargs="*", choices=METHODS, default=list(DEFAULT_METHODS),
-                        help="default: lwflow sbi (lwflow-x2: an ensemble of two, amortize(..., ensemble=2))")
+                        help="default: lwflow sbi (lwflow-x2, lwflow-x3: ensembles, amortize(..., ensemble=2 or 3))")
     parser.add_argument("--observations", nargs="*", type=int, default=None, help="sbibm observations (default 1..10)")
     parser.add_argument("--draws", type=int, default=None,
                         help=f"posterior draws per observation (default {NUM_DRAWS:,})")

@@ -176,9 +176,10 @@ class AmortizedLWFlow(nn.Module):
     :param box_margin: as :class:`~pyro_lwflow.AutoLWFlow`'s.
     :param ensemble: ``M`` members (embedding, couplings and base each), trained side by side on the
         same simulations, each by its own likelihood; the answer is their equal mixture. Their errors
-        differ, so the mixture covers what each misses (SLCP, 10⁵ simulations: two guides trained
-        apart check at median efficiencies 0.14 and 0.16 alone, 0.32 as their mixture), at ``M``
-        times the training time and ``M`` members' draws per sample.
+        differ, so the mixture covers what each misses: on SLCP at 10⁵ simulations the likelihood
+        check's median efficiency is 0.28 with two members, 0.14–0.19 with one
+        (``benchmarks/results/amortized.md``), at ``M`` times the training time and ``M`` members'
+        draws per sample.
     """
 
     def __init__(
