@@ -177,7 +177,7 @@ class AmortizedLWFlow(nn.Module):
     :param ensemble: ``M`` members (embedding, couplings and base each), trained side by side on the
         same simulations, each by its own likelihood; the answer is their equal mixture. Their errors
         differ, so the mixture covers what each misses: on SLCP at 10⁵ simulations the likelihood
-        check's median efficiency is 0.28 with two members, 0.14–0.19 with one
+        check's median efficiency is 0.28 with two members, 0.36 with three, 0.14–0.19 with one
         (``benchmarks/results/amortized.md``), at ``M`` times the training time and ``M`` members'
         draws per sample.
     """
