@@ -177,7 +177,7 @@ class AmortizedLWFlow(nn.Module):
     :param ensemble: ``M`` members (embedding, couplings and base each), trained side by side on the
         same simulations, each by its own likelihood; the answer is their equal mixture. Their errors
         differ, so the mixture covers what each misses: on SLCP at 10⁵ simulations the likelihood
-        check's median efficiency is 0.28 with two members, 0.36 with three, 0.14–0.19 with one
+        check's median efficiency is 0.28 with two members, 0.36 with three, 0.19 with one
         (``benchmarks/results/amortized.md``), at ``M`` times the training time and ``M`` members'
         draws per sample.
     """
@@ -222,13 +222,10 @@ class AmortizedLWFlow(nn.Module):
         self.embedding = embedding if embedding is not None else default_embedding(self.data_layout.dim, embedding_dim)
         with torch.no_grad():
             context_dim = int(self._embed(self.data_layout.flatten(self._template_data())).shape[-1])
-        self.couplings = conditional_realnvp(dim, context_dim, num_transforms, hidden_dims, log_scale_bound)
-        self.base = ConditionalMixture(context_dim, torch.zeros(num_components, dim))
+        flow = (dim, context_dim, num_components, num_transforms, hidden_dims, log_scale_bound)
+        self.couplings, self.base = _flow_parts(*flow)
         self.others = nn.ModuleList(  # members 2..M (member 1 is embedding, couplings, base above)
-            _Member(_fresh_copy(self.embedding),
-                    conditional_realnvp(dim, context_dim, num_transforms, hidden_dims, log_scale_bound),
-                    ConditionalMixture(context_dim, torch.zeros(num_components, dim)))
-            for _ in range(ensemble - 1))
+            _Member(_fresh_copy(self.embedding), *_flow_parts(*flow)) for _ in range(ensemble - 1))
         fixed = [Standardize(dim)]
         if box_margin is not None:
             fixed.append(box_coordinates(self.prototype_trace, self.layout, box_margin))
@@ -244,12 +241,17 @@ class AmortizedLWFlow(nn.Module):
         trace = self.tracer.trace(None, None)
         return {n: trace.nodes[n]["value"].detach().unsqueeze(0) for n in self.data_layout.names}
 
-    def _embed(self, flat: torch.Tensor, embedding: nn.Module | None = None) -> torch.Tensor:
-        """``(B, dim)`` flat data sets → ``(B, C)`` contexts (of member 1, or of ``embedding``)."""
+    def _standardize(self, flat: torch.Tensor) -> torch.Tensor:
+        """``(B, dim)`` flat data sets → what an embedding receives (standardised; ``(B, *shape)`` for
+        one observed site)."""
         z = (flat.to(self.data_loc) - self.data_loc) / self.data_scale
         if len(self.data_layout.names) == 1:
             z = z.reshape((-1,) + tuple(self.data_layout.shapes[0]))
-        return (self.embedding if embedding is None else embedding)(z)
+        return z
+
+    def _embed(self, flat: torch.Tensor) -> torch.Tensor:
+        """``(B, dim)`` flat data sets → ``(B, C)`` contexts (member 1's embedding)."""
+        return self.embedding(self._standardize(flat))
 
     def members(self) -> list[_Member]:
         """The ensemble's members, each ``(embedding, couplings, base)``."""
@@ -290,8 +292,8 @@ class AmortizedLWFlow(nn.Module):
         return members[0] if len(members) == 1 else EqualMixture(members)
 
     def _member_dists(self, flat: torch.Tensor) -> list[torch.distributions.Distribution]:
-        return [conditional_flow(m.base, m.couplings, self.fixed).condition(self._embed(flat, m.embedding))
-                for m in self.members()]
+        z = self._standardize(flat)
+        return [conditional_flow(m.base, m.couplings, self.fixed).condition(m.embedding(z)) for m in self.members()]
 
     def members_log_prob(self, flat: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
         """``Σ_m log q_m(z | x)`` over the members ``(B,)``: what training maximises, so each member
@@ -824,6 +826,13 @@ def _mean_nll(guide: AmortizedLWFlow, latents: torch.Tensor, data: torch.Tensor,
     total = sum(float(-guide.latent_dist(x).log_prob(z).sum())
                 for z, x in zip(latents.split(chunk), data.split(chunk), strict=True))
     return total / len(latents)
+
+
+def _flow_parts(dim: int, context_dim: int, num_components: int, num_transforms: int, hidden_dims: Sequence[int],
+                log_scale_bound: float) -> tuple[nn.Module, ConditionalMixture]:
+    """A member's conditional couplings and base (components placed later, by ``standardize_on``)."""
+    return (conditional_realnvp(dim, context_dim, num_transforms, hidden_dims, log_scale_bound),
+            ConditionalMixture(context_dim, torch.zeros(num_components, dim)))
 
 
 class _Member(nn.Module):
