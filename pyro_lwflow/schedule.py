@@ -55,8 +55,12 @@ class Schedule:
         draws keep this share of their ESS (SMC's conditional-ESS rule).
     :param explore: share of each tempered round's draws aimed ahead of its β, at where the pooled
         draws at a higher β sit (what lets a data-dominated posterior narrow into a funnel's neck).
-    :param initial_draws: draws of round 0; ``None``: ``2,000 · D`` for the prior start
-        (``D`` latent dimensions), ``1,000 · D`` from gradient optima, at least 4,000 and 10,000.
+    :param initial_draws: draws of round 0; ``None``: ``1,000 · D`` (``D`` latent dimensions), at
+        least 4,000 for the prior start and 10,000 from gradient optima. From the prior, round 0 only
+        has to carry β to where the tempered rounds take over; 2,000 · D spent more than it saved (one
+        machine, fit seeds 0–5 of the 10-D three-mode mixture: 82,102 calls on average against 87,623,
+        W1 2.09 against 2.19 times the floor, mode-weight error 0.0075 against 0.0081; seed 0 of the
+        7-D regression 129,626 against 159,036, of the 20-D two-mode mixture 210,030 against 205,801).
     :param max_draws: most draws of one round.
     :param defensive: the prior's share in every proposal (keeps the weights bounded where the
         guide is thin, and any mode the guide misses reachable).
@@ -129,7 +133,7 @@ class Schedule:
         """Draws of round 0 for a model with ``dim`` latent dimensions."""
         if self.initial_draws is not None:
             return min(self.initial_draws, self.budget)
-        n = max(10_000, 1_000 * dim) if from_optima else max(4_000, 2_000 * dim)
+        n = max(10_000 if from_optima else 4_000, 1_000 * dim)
         return min(n, self.max_draws, self.budget)
 
     def starts_for(self, dim: int) -> int:
