@@ -234,7 +234,6 @@ class _Run:
         self.counted_at_one = False  # whether the modes were counted at β = 1 on enough draws (then kept)
         self.summarized_calls, self.summarized_ess = 0, 0.0  # at the last round's summary (calls per ESS gained)
         self.round_ess = schedule.round_ess  # raised to the mode count's needs from gradient optima (see start)
-        self.later_round_steps = schedule.later_round_steps(from_optima=False)  # set by start for its round 0
         self.bar = tqdm(total=schedule.budget, disable=not progress, unit="call", desc="lwflow fit",
                         bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} calls [{elapsed}{postfix}]")
 
@@ -262,7 +261,6 @@ class _Run:
         elif schedule.starts != "prior":
             proposal = self._gradient_start()
         n = schedule.first_round_draws(dim, from_optima=proposal is not None)
-        self.later_round_steps = schedule.later_round_steps(from_optima=proposal is not None)
         if proposal is None:
             draws = self.adapter.sample(n, progress=False)
             self._count(likelihood=self.adapter.num_evaluated)
@@ -445,7 +443,7 @@ class _Run:
         else:
             train_draws = draws
         loss.set_draws(train_draws, model_args=(args, kwargs))
-        steps = self.later_round_steps if warm else self.schedule.num_steps
+        steps = self.schedule.warm_steps if warm else self.schedule.num_steps
         status = f"β={beta:.3g} ESS={draws.ess:,.0f} training"
         self.bar.set_postfix_str(status)
         report = None if self.bar.disable else self._training_report(status, steps)

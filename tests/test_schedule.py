@@ -116,16 +116,6 @@ def test_the_automatic_mode_weight_tolerance_scales_with_the_target_on_the_gradi
     assert Schedule(mode_weight_stderr=None).mode_weight_tolerance(from_optima=True) is None
 
 
-def test_the_gradient_free_path_starts_smaller_and_trains_its_later_rounds_longer():
-    # round 0: max(4,000, 1,000 D) prior draws, max(10,000, 1,000 D) from gradient optima
-    assert [Schedule().first_round_draws(d, from_optima=False) for d in (2, 10)] == [4_000, 10_000]
-    assert [Schedule().first_round_draws(d, from_optima=True) for d in (2, 20)] == [10_000, 20_000]
-    # later rounds: at most 600 steps after a prior start (each tempered round's posterior has moved), 300 otherwise
-    assert Schedule().later_round_steps(from_optima=False) == 600
-    assert Schedule().later_round_steps(from_optima=True) == 300
-    assert Schedule(warm_steps=50).later_round_steps(from_optima=False) == 50
-
-
 def black_box(y):
     """A NumPy likelihood in a pyro.factor: no torch gradient."""
     mu = pyro.sample("mu", dist.Normal(0.0, 3.0))
@@ -157,8 +147,7 @@ def test_rounds_are_typed_and_the_budget_is_kept():
 
 @pytest.mark.parametrize("changes, field", [({"budget": 0}, "budget"), ({"defensive": 1.0}, "defensive"),
                                             ({"starts": "lbfgs"}, "starts"), ({"num_rounds": 0}, "num_rounds"),
-                                            ({"mode_weight_stderr": 0.0}, "mode_weight_stderr"),
-                                            ({"warm_steps": 0}, "warm_steps")])
+                                            ({"mode_weight_stderr": 0.0}, "mode_weight_stderr")])
 def test_a_bad_schedule_names_its_field(changes, field):
     with pytest.raises(ValueError, match=f"Schedule.{field}"):
         Schedule(**changes)
