@@ -116,6 +116,14 @@ def test_the_automatic_mode_weight_tolerance_scales_with_the_target_on_the_gradi
     assert Schedule(mode_weight_stderr=None).mode_weight_tolerance(from_optima=True) is None
 
 
+def test_round_zero_is_a_thousand_draws_per_dimension():
+    # from the prior at least 4,000 (round 0 only has to carry β to where the tempered rounds take over),
+    # from gradient optima at least 10,000
+    assert [Schedule().first_round_draws(d, from_optima=False) for d in (2, 10)] == [4_000, 10_000]
+    assert [Schedule().first_round_draws(d, from_optima=True) for d in (2, 20)] == [10_000, 20_000]
+    assert Schedule(initial_draws=3_000).first_round_draws(10, from_optima=False) == 3_000
+
+
 def black_box(y):
     """A NumPy likelihood in a pyro.factor: no torch gradient."""
     mu = pyro.sample("mu", dist.Normal(0.0, 3.0))
