@@ -44,7 +44,8 @@ class FitResult:
     """What :func:`fit` returns.
 
     :param guide: the trained :class:`AutoLWFlow`.
-    :param draws: every likelihood-evaluated draw, weighted for the posterior (β = 1).
+    :param draws: every likelihood-evaluated draw, weighted for the posterior (β = 1) against the mixture of
+        all proposals (:meth:`~pyro_lwflow.adaptive.DrawPool.draws`).
     :param losses: per-step minibatch cross-entropy ``−E_post[log q]`` (nats).
     :param ess: effective sample size of those weights.
     :param num_likelihood_evals: model likelihood evaluations spent.
@@ -202,6 +203,10 @@ def fit(
                     break
         finally:
             run.close()
+        if run.beta >= 1.0 and run.trained_once:
+            # the modes' masses from each round's own weights: the pooled ones undervalue the draws the later proposals
+            # trained on (DrawPool.draws_by_round); the flow trains on the pooled ones, whose ESS is larger
+            guide.refit_mixture_weights(run.pool.draws_by_round(1.0))
         result.draws = run.pool.draws(1.0)
         result.ess = result.draws.ess
         result.log_evidence, result.log_evidence_stderr = run.pool.log_evidence(1.0)
