@@ -46,11 +46,14 @@ class Schedule:
     :param round_ess: effective draws each tempered round trains on (whatever the dimension: the
         modes are counted on the pooled draws once they hold enough, so the tempered rounds stay
         small). A start from gradient optima raises it to what the mode count needs. Without
-        gradients 1,500 spends fewer calls than 2,000 (one machine: the 10-D three-mode mixture, fit
-        seeds 0–5, 86,899 against 95,143 on average at the same W1 and mode weights; the 20-D one,
-        seed 0, 194,072 against 292,990; the 7-D regression 147,336 / 148,479 against 148,384 /
-        161,574 at seeds 0 / 1); 1,000 fewer still on the regression (125,231) but it lost the
-        10-D mixture's mode weights (errors 0.011 and 0.015 at 2 of 3 seeds).
+        gradients 1,250 spends fewer calls than 1,500 (one machine, 2-core AMD EPYC: the 10-D
+        three-mode mixture, fit seeds 0–5, 76,913 against 82,102 on average, W1 1.62 against 1.71×
+        the floor, mode-weight errors at most 0.0072 against 0.0087; seed 0 of the 20-D mixture
+        182,348 against 210,030, W1 1.37 against 1.66×; of the Lotka–Volterra ODE 43,528 against
+        47,082; of the 7-D regression 134,299 against 129,626), and 1,500 fewer than 2,000 (10-D
+        mixture 86,899 against 95,143 on another machine). 1,000 lost the 10-D mixture's mode
+        weights (errors 0.011 and 0.015 at 2 of 3 seeds, before the mixture weights came from each
+        round's own draws).
     :param step_ess: how far β may rise after a round drawn from the guide: to where that round's own
         draws keep this share of their ESS (SMC's conditional-ESS rule).
     :param explore: share of each tempered round's draws aimed ahead of its β, at where the pooled
@@ -78,7 +81,7 @@ class Schedule:
     budget: int = 1_000_000
     target_ess: float = 20_000
     mode_weight_stderr: float | str | None = "auto"
-    round_ess: float = 1_500
+    round_ess: float = 1_250
     step_ess: float = 0.5
     explore: float = 0.2
     initial_draws: int | None = None
